@@ -1,0 +1,150 @@
+"""Adapters on disk in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, exactly what
+`peft.PeftModel.save_pretrained` writes (PEFT strips its adapter name, `default`, on save), so
+`PeftModel.from_pretrained` loads ours unchanged and we load PEFT's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import QloraError
+from .lora import LoraSettings, add_lora, lora_layers
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
+        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
+    return out
+
+
+def peft_config(s: LoraSettings, targets: list[str], base_model: str) -> dict:
+    """PEFT's LoraConfig fields that matter for loading; everything else takes PEFT's defaults."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": s.r, "lora_alpha": s.alpha, "lora_dropout": s.dropout, "use_rslora": s.rslora,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+    }
+
+
+def write_atomically(out_dir: Path, write) -> None:
+    """Run `write(tmp_dir)` then rename tmp_dir to out_dir, so readers never see half a folder.
+
+    An existing out_dir is replaced only after the new one is complete.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
+    s: LoraSettings = model.qlora_lora
+    targets = sorted({n.rsplit(".", 1)[-1] for n in lora_layers(model)})
+    base = base_model or getattr(model, "qlora_source", "") or ""
+    state = adapter_state_dict(model)
+
+    def write(tmp: Path):
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config(s, targets, base), indent=2) + "\n")
+
+    write_atomically(Path(out_dir), write)
+    return Path(out_dir)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> tuple[LoraSettings, dict]:
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise QloraError(f"{adapter_dir}: not an adapter folder (no {CONFIG_NAME})")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QloraError(f"{path}: invalid JSON ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise QloraError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:
+            raise QloraError(f"{path}: missing field '{key}'")
+    targets = cfg["target_modules"]
+    if isinstance(targets, str):  # PEFT allows a regex or "all-linear"; we take "all-linear"
+        if targets != "all-linear":
+            raise QloraError(f"{path}: target_modules regex {targets!r} is not supported; list names")
+    s = LoraSettings(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+                     dropout=float(cfg.get("lora_dropout", 0.0)), targets=targets,
+                     rslora=bool(cfg.get("use_rslora", False)))
+    return s, cfg
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Add LoRA layers to `model` as the adapter describes, then load its weights (strict)."""
+    s, _ = read_adapter_config(adapter_dir)
+    weights = Path(adapter_dir) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise QloraError(f"{adapter_dir}: missing {WEIGHTS_NAME}")
+    state = load_file(str(weights))
+    s.dtype = next(iter(state.values())).dtype if state else torch.bfloat16
+    if not lora_layers(model):
+        add_lora(model, s)
+    load_adapter_weights(model, state, source=str(weights))
+    return model
+
+
+def load_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    layers = lora_layers(model)
+    seen = set()
+    for key, value in state.items():
+        # PEFT in-memory names carry the adapter name ("lora_A.default.weight"); accept both.
+        k = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        if not k.startswith(PREFIX) or not k.endswith(".weight"):
+            raise QloraError(f"{source}: unexpected tensor {key}")
+        module_path, _, which = k[len(PREFIX): -len(".weight")].rpartition(".")
+        layer = layers.get(module_path)
+        if layer is None or which not in ("lora_A", "lora_B"):
+            raise QloraError(f"{source}: tensor {key} matches no LoRA layer of this model")
+        param = getattr(layer, which).weight
+        if param.shape != value.shape:
+            raise QloraError(f"{source}: {key} has shape {tuple(value.shape)}, "
+                             f"model expects {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(value)
+        seen.add((module_path, which))
+    missing = [f"{n}.{w}" for n in layers for w in ("lora_A", "lora_B") if (n, w) not in seen]
+    if missing:
+        raise QloraError(f"{source}: no tensor for {missing[0]}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def scaling_of(s: LoraSettings) -> float:
+    return s.alpha / math.sqrt(s.r) if s.rslora else s.alpha / s.r

@@ -1,0 +1,99 @@
+"""LoRA: a frozen base linear plus a trainable low-rank update `scaling * B @ A`.
+
+    y = base(x) + scaling * B(A(dropout(x)))      A: (r, in), B: (out, r)
+
+A starts Kaiming-uniform and B at zero, so an untouched adapter is exactly the base model.
+Module paths follow PEFT (`<linear>.base_layer`, `<linear>.lora_A`, `<linear>.lora_B`) so the
+saved keys are PEFT's with no renaming table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .model import target_linears
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r, self.alpha = r, alpha
+        # rsLoRA keeps the update's scale stable as r grows (Kalajdzievski 2023).
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
+        out = self.base_layer(x)  # (B, T, out), frozen
+        a = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (B, T, r)
+        return out + (self.lora_B(a) * self.scaling).to(out.dtype)
+
+
+@dataclass
+class LoraSettings:
+    """What an adapter is: enough to rebuild it and to write PEFT's adapter_config.json."""
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | str = "all-linear"
+    rslora: bool = False
+    dtype: torch.dtype = torch.bfloat16
+
+
+def add_lora(model: nn.Module, s: LoraSettings) -> list[str]:
+    """Wrap every target linear of `model` in a LoRALinear (in place); return the leaf names.
+
+    Only the LoRA factors require grad afterwards; everything else is frozen.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    linears = target_linears(model, s.targets)
+    for name, linear in linears.items():
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf,
+                LoRALinear(linear, s.r, s.alpha, s.dropout, s.rslora, s.dtype))
+    model.qlora_lora = s
+    return sorted({n.rsplit(".", 1)[-1] for n in linears})
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def trainable_report(model: nn.Module) -> dict[str, int]:
+    """Counts for the user: trainable (LoRA) parameters vs all parameters.
+
+    4-bit weights are stored two per byte; we count logical parameters (out * in).
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            qs = getattr(p, "quant_state", None)
+            total += math.prod(qs.shape) if qs is not None else p.numel()
+    return {"trainable": trainable, "total": total}
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                  scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """`W + scaling * B @ A`, computed in fp32 and cast once at the end (pure function)."""
+    delta = lora_B.float() @ lora_A.float()  # (out, r) @ (r, in) -> (out, in)
+    return (weight.float() + scaling * delta).to(dtype)

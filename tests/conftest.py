@@ -1,0 +1,53 @@
+"""Shared fixtures: the real assets in ../shared/assets (skipped cleanly when absent) and
+tiny random Llama checkpoints written to disk the way Hugging Face writes them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+STORIES = ASSETS / "models" / "stories260K"
+
+
+def asset(rel: str) -> Path:
+    """Path of a real asset, or skip the test with the reason."""
+    path = ASSETS / rel
+    if not path.exists():
+        pytest.skip(f"real asset missing: {path} (see ../shared/assets/README.md)")
+    return path
+
+
+@pytest.fixture
+def stories() -> Path:
+    return asset("models/stories260K")
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def write_tiny_model(out: Path, *, shards: int = 1, seed: int = 0, dtype=torch.float32, **cfg) -> Path:
+    """Save a random tiny Llama with `save_pretrained` (sharded when shards > 1)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(**cfg), dtype=dtype)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    kw = {"max_shard_size": f"{size // shards // 1024 + 1}KB"} if shards > 1 else {}
+    model.save_pretrained(out, **kw)
+    return out
+
+
+@pytest.fixture
+def tiny_model(tmp_path) -> Path:
+    return write_tiny_model(tmp_path / "tiny")

@@ -1,0 +1,191 @@
+"""The core of QLoRA, checked against references no one here wrote: transformers +
+BitsAndBytesConfig for the 4-bit base, plain PyTorch math for LoRA, PEFT for adapters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from qlora import quant
+from qlora.adapter import load_adapter, save_adapter
+from qlora.errors import QloraError
+from qlora.lora import LoRALinear, LoraSettings, add_lora, lora_layers, trainable_report
+from qlora.model import enable_gradient_checkpointing, load_model
+
+from conftest import write_tiny_model
+
+
+def reference_4bit(path):
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.bfloat16)
+    # train() (dropout is 0) keeps bitsandbytes off its CPU eval-only repacking path, which
+    # asserts out_features % 32 == 0 and stories260K's FFN is 172 wide.
+    return model.train()
+
+
+def randomize_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            for p in (layer.lora_A.weight, layer.lora_B.weight):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_streaming_load_equals_transformers_bnb(stories):
+    ours = load_model(stories)
+    ref = reference_4bit(stories)
+    ours_q = {n: m for n, m in ours.named_modules() if isinstance(m, quant.Linear4bit)}
+    ref_q = {n: m for n, m in ref.named_modules() if isinstance(m, quant.Linear4bit)}
+    assert ours_q.keys() == ref_q.keys() and len(ours_q) == 5 * 7
+    for name, layer in ours_q.items():
+        assert layer.weight.quant_type == "nf4" and layer.weight.quant_state.nested  # double quant
+        assert layer.weight.quant_state.blocksize == 64 and layer.compute_dtype == torch.bfloat16
+        assert torch.equal(quant.dequantize(layer), quant.dequantize(ref_q[name])), name
+    # Nothing frozen is fp32: embeddings, norms and head are bf16.
+    for name, p in ours.named_parameters():
+        if not isinstance(p, quant.Params4bit):
+            assert p.dtype == torch.bfloat16, name
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(ids).logits.float(), ref(ids).logits.float()
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+
+
+def test_sharded_fp16_and_bf16_sources_load(tmp_path):
+    for dtype in (torch.float16, torch.bfloat16):
+        path = write_tiny_model(tmp_path / str(dtype), shards=3, dtype=dtype)
+        assert (path / "model.safetensors.index.json").exists()
+        model = load_model(path)
+        ref = reference_4bit(path)
+        ids = torch.arange(40).view(1, 40)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_sixteen_bit_base_keeps_plain_linears(tiny_model):
+    model = load_model(tiny_model, quantization="none")
+    assert not any(isinstance(m, quant.Linear4bit) for m in model.modules())
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_lora_forward_equals_plain_math(stories):
+    model = load_model(stories)
+    add_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))
+    randomize_lora(model)
+    layer = model.model.layers[1].mlp.down_proj
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
+    w = quant.dequantize(layer.base_layer).float()  # (out, in)
+    A, B = layer.lora_A.weight.float(), layer.lora_B.weight.float()
+    expected = x.float() @ w.T + (16 / 8) * (x.float() @ A.T @ B.T)
+    got = layer(x).float()
+    assert (got - expected).abs().max() <= 0.01 * expected.abs().max()  # bf16 noise
+    # rsLoRA scales by alpha / sqrt(r)
+    assert LoRALinear(torch.nn.Linear(4, 4), r=16, alpha=8, rslora=True).scaling == 2.0
+
+
+def test_lora_init_and_trainable_count(stories):
+    model = load_model(stories)
+    before = model(torch.arange(10).view(1, 10)).logits
+    targets = add_lora(model, LoraSettings(r=4, alpha=8))
+    assert targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    layers = lora_layers(model)
+    assert all(torch.count_nonzero(l.lora_B.weight) == 0 for l in layers.values())
+    assert all(l.lora_A.weight.dtype == torch.bfloat16 for l in layers.values())
+    # B = 0: an untouched adapter is exactly the base model
+    assert torch.equal(model(torch.arange(10).view(1, 10)).logits, before)
+    expected = sum(4 * (l.in_features + l.out_features) for l in layers.values())
+    assert trainable_report(model)["trainable"] == expected
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{n}.{w}.weight" for n in layers for w in ("lora_A", "lora_B")}
+
+
+def test_targets_by_name(stories):
+    model = load_model(stories)
+    assert add_lora(model, LoraSettings(r=2, targets=["q_proj", "v_proj"])) == ["q_proj", "v_proj"]
+    assert len(lora_layers(model)) == 10
+
+
+def test_peft_loads_our_adapter(stories, tmp_path):
+    from peft import PeftModel
+    ours = load_model(stories)
+    add_lora(ours, LoraSettings(r=8, alpha=16, dropout=0.0))
+    randomize_lora(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(
+        reference_4bit(stories), tmp_path / "adapter", autocast_adapter_dtype=False).train()
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(ids).logits.float(), peft_model(ids).logits.float()
+        base = reference_4bit(stories)(ids).logits.float()
+    assert (a - base).abs().max() > 0.5  # the adapter really changes the output...
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()  # ...and PEFT agrees on how
+
+
+def test_we_load_peft_adapter(stories, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    peft_model = get_peft_model(reference_4bit(stories), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+        autocast_adapter_dtype=False)  # keep PEFT's factors bf16 like ours (it upcasts by default)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(load_model(stories), tmp_path / "peft")
+    assert len(lora_layers(ours)) == 35
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = ours(ids).logits.float(), peft_model.train()(ids).logits.float()
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+
+
+def test_gradient_checkpointing_trains_every_b_and_freezes_base(stories):
+    model = load_model(stories)
+    add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.1))
+    enable_gradient_checkpointing(model)
+    model.train()
+    frozen = {n: (p.data.clone(), p.data.dtype) for n, p in model.named_parameters() if not p.requires_grad}
+    frozen_qs = {n: m.weight.quant_state.absmax.clone() for n, m in model.named_modules()
+                 if isinstance(m, quant.Linear4bit)}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    for name, layer in lora_layers(model).items():
+        assert torch.count_nonzero(layer.lora_B.weight) > 0, f"{name}.lora_B stayed zero"
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert p.grad is None and torch.equal(p.data, frozen[n][0]), n
+    for n, m in model.named_modules():
+        if n in frozen_qs:
+            assert torch.equal(m.weight.quant_state.absmax, frozen_qs[n]), n
+
+
+def test_bad_inputs_name_the_culprit(tmp_path, tiny_model):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QloraError, match="empty: not a model folder"):
+        load_model(tmp_path / "empty")
+    with pytest.raises(QloraError, match="nowhere: model path not found"):
+        load_model(tmp_path / "nowhere")
+    sharded = write_tiny_model(tmp_path / "sharded", shards=3)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    (sharded / victim).unlink()
+    with pytest.raises(QloraError, match=f"{victim}: shard listed in .* is missing"):
+        load_model(sharded)
+    with pytest.raises(QloraError, match="lora target 'qkv_proj' matches no linear"):
+        add_lora(load_model(tiny_model), LoraSettings(targets=["q_proj", "qkv_proj"]))
+    # An architecture whose blocks hold no nn.Linear (GPT-2 uses Conv1D) has nothing to target.
+    from transformers import GPT2Config
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(gpt2)
+    shutil.copy(tiny_model / "model.safetensors", gpt2 / "model.safetensors")
+    with pytest.raises(QloraError, match="GPT2LMHeadModel: no decoder blocks with linear layers"):
+        load_model(gpt2)
