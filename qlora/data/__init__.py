@@ -1,0 +1,126 @@
+"""Training data: load, detect the format, tokenize with exact label masks, batch and pack.
+
+The trainer calls `build_datasets`; the pieces are public for tools and tests:
+
+    load_raw -> detect_format -> tokenize (row_to_turns + Renderer inside) -> pack?
+    then Collator / GroupByLengthSampler to batch.
+
+`ensure_pad_token(tokenizer)` must be called before building a `Collator`.
+"""
+
+from __future__ import annotations
+
+import datasets
+
+from qlora.data.batching import Collator, GroupByLengthSampler, PackedCollator, pack
+from qlora.data.formats import (
+    ALPACA_PROMPT_INPUT,
+    ALPACA_PROMPT_NO_INPUT,
+    CHAT_FORMATS,
+    FORMATS,
+    Turn,
+    detect_format,
+    parse_guanaco,
+    row_to_turns,
+)
+from qlora.data.loading import load_raw
+from qlora.data.tokenization import (
+    DEFAULT_CHAT_TEMPLATE,
+    IGNORE_INDEX,
+    DataStats,
+    Renderer,
+    ensure_pad_token,
+    tokenize,
+    truncate,
+)
+from qlora.errors import QloraError
+
+__all__ = [
+    "ALPACA_PROMPT_INPUT",
+    "ALPACA_PROMPT_NO_INPUT",
+    "CHAT_FORMATS",
+    "DEFAULT_CHAT_TEMPLATE",
+    "FORMATS",
+    "IGNORE_INDEX",
+    "Collator",
+    "DataStats",
+    "GroupByLengthSampler",
+    "PackedCollator",
+    "Renderer",
+    "Turn",
+    "build_datasets",
+    "detect_format",
+    "ensure_pad_token",
+    "load_raw",
+    "pack",
+    "parse_guanaco",
+    "row_to_turns",
+    "tokenize",
+    "truncate",
+]
+
+_SAMPLE_ROWS = 8  # rows shown to detect_format where column names are ambiguous
+
+
+def build_datasets(
+    path: str,
+    tokenizer,
+    *,
+    format: str = "auto",
+    eval_path: str | None = None,
+    eval_ratio: float = 0.0,
+    max_seq_len: int = 512,
+    train_on_inputs: bool = False,
+    packing: bool = False,
+    skip_malformed: bool = False,
+    seed: int = 0,
+    split: str = "train",
+    config_name: str | None = None,
+    cache_dir: str | None = None,
+) -> tuple[datasets.Dataset, datasets.Dataset | None, DataStats]:
+    """Load, tokenize (and optionally pack) the training data and an optional eval set.
+
+    The eval set is `eval_path` (same format rules) or, with `eval_ratio` > 0, a seeded
+    random share of the tokenized training examples. The split happens after tokenization so
+    that row numbers in error messages are the file's. Returns (train, eval or None, stats),
+    where `stats` counts the training file's rows (an eval file is validated the same way).
+    """
+    if eval_path is not None and eval_ratio > 0:
+        raise QloraError("give either eval_path or eval_ratio, not both")
+    if not 0.0 <= eval_ratio < 1.0:
+        raise QloraError(f"eval_ratio must be in [0, 1), got {eval_ratio}")
+    common = dict(format=format, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs,
+                  skip_malformed=skip_malformed, split=split, config_name=config_name,
+                  cache_dir=cache_dir)
+    train, stats = _load_and_tokenize(path, tokenizer, **common)
+    evaluation = None
+    if eval_path is not None:
+        # `split`/`config_name` select from the training source; an eval file is read whole.
+        evaluation, _ = _load_and_tokenize(eval_path, tokenizer, **dict(common, split="train", config_name=None))
+    elif eval_ratio > 0:
+        if len(train) < 2:
+            raise QloraError(f"{path}: {len(train)} usable example(s) is too few to split off an eval set")
+        parts = train.train_test_split(test_size=eval_ratio, seed=seed, shuffle=True)
+        train, evaluation = parts["train"], parts["test"]
+    if packing:
+        train = pack(train, max_seq_len)
+        evaluation = pack(evaluation, max_seq_len) if evaluation is not None else None
+    return train, evaluation, stats
+
+
+def _load_and_tokenize(path, tokenizer, *, format, max_seq_len, train_on_inputs, skip_malformed,
+                       split, config_name, cache_dir) -> tuple[datasets.Dataset, DataStats]:
+    raw = load_raw(path, split=split, config_name=config_name, cache_dir=cache_dir)
+    if format == "auto":
+        sample = raw.select(range(min(_SAMPLE_ROWS, len(raw))))
+        fmt = detect_format(raw.column_names, str(path), sample_rows=sample.to_list())
+    else:
+        fmt = format
+    ds, stats = tokenize(raw, tokenizer, fmt, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs,
+                         source=str(path), skip_malformed=skip_malformed)
+    if stats.kept == 0:
+        raise QloraError(
+            f"{path}: no usable examples ({stats.rows} rows: {stats.skipped_malformed} malformed, "
+            f"{stats.dropped_no_target} with nothing to train on)"
+        )
+    return ds, stats

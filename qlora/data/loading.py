@@ -1,0 +1,94 @@
+"""Loading raw rows: local files and folders through `datasets`, or a Hugging Face hub name."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import datasets
+
+from qlora.errors import QloraError
+
+# File suffix -> `datasets` builder that reads it.
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def load_raw(
+    path: str | Path,
+    *,
+    split: str = "train",
+    config_name: str | None = None,
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
+    """Load raw rows from a .json/.jsonl/.csv/.parquet file, a folder of them, or the hub.
+
+    A hub name ("owner/name") is only tried when no such local path exists, so a typo in a
+    local path reports "data file not found" instead of a confusing network error. Local
+    files are read through `datasets` so the Arrow cache makes later `map` calls cached.
+    `split` may slice local files too ("train[:100]"). `cache_dir` overrides the datasets cache.
+    """
+    local = Path(path).expanduser()
+    if local.is_file():
+        files = [local]
+    elif local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.suffix.lower() in _BUILDERS and p.is_file())
+        if not files:
+            raise QloraError(f"{path}: folder holds no .json, .jsonl, .csv or .parquet files")
+    elif _looks_like_hub_name(str(path)):
+        return _load_hub(str(path), split, config_name, cache_dir)
+    else:
+        raise QloraError(f"data file not found: {path}")
+    return _load_local(files, str(path), split, cache_dir)
+
+
+def _load_local(files: list[Path], label: str, split: str, cache_dir: str | None) -> datasets.Dataset:
+    builders = {_BUILDERS.get(f.suffix.lower()) for f in files}
+    if None in builders:
+        raise QloraError(f"{files[0]}: unsupported file type; use .json, .jsonl, .csv or .parquet")
+    if len(builders) > 1:
+        raise QloraError(f"{label}: folder mixes file types ({', '.join(sorted(builders))})")
+    for f in files:
+        if _is_blank(f):
+            raise QloraError(f"{f}: data file is empty")
+    try:
+        ds = datasets.load_dataset(
+            builders.pop(), data_files=[str(f) for f in files], split=split, cache_dir=cache_dir
+        )
+    except Exception as err:  # datasets/pyarrow raise many types; the user needs one line
+        raise QloraError(f"{label}: cannot read data: {_one_line(err)}") from err
+    if len(ds) == 0:
+        raise QloraError(f"{label}: data file is empty (no rows)")
+    return ds
+
+
+def _load_hub(name: str, split: str, config_name: str | None, cache_dir: str | None) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir)
+    except Exception as err:
+        raise QloraError(
+            f"data file not found: {name} (and loading it from the hub failed: {_one_line(err)})"
+        ) from err
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    """"owner/name" that is not a local-looking path (no data suffix, first part not a folder)."""
+    return (
+        bool(_HUB_NAME.match(name))
+        and Path(name).suffix.lower() not in _BUILDERS
+        and not Path(name.split("/")[0]).exists()
+    )
+
+
+def _is_blank(path: Path) -> bool:
+    """True for a zero-byte, whitespace-only or "[]" text file (parquet is binary, never blank)."""
+    if path.stat().st_size == 0:
+        return True
+    if path.suffix.lower() == ".parquet" or path.stat().st_size > 4096:
+        return False
+    return path.read_bytes().strip() in (b"", b"[]")
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:300]
