@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import write_atomically
 from .errors import QloraError
 from .lora import LoraSettings, add_lora, lora_layers
 
@@ -44,43 +42,18 @@ def peft_config(s: LoraSettings, targets: list[str], base_model: str) -> dict:
     }
 
 
-def write_atomically(out_dir: Path, write) -> None:
-    """Run `write(tmp_dir)` then rename tmp_dir to out_dir, so readers never see half a folder.
-
-    An existing out_dir is replaced only after the new one is complete.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        write(tmp)
-        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
+def write_adapter_files(model: nn.Module, folder: Path, base_model: str | None = None) -> None:
+    """Write the two adapter files into an existing folder (not atomic: see save_adapter)."""
     s: LoraSettings = model.qlora_lora
     targets = sorted({n.rsplit(".", 1)[-1] for n in lora_layers(model)})
     base = base_model or getattr(model, "qlora_source", "") or ""
-    state = adapter_state_dict(model)
+    save_file(adapter_state_dict(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(peft_config(s, targets, base), indent=2) + "\n")
 
-    def write(tmp: Path):
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config(s, targets, base), indent=2) + "\n")
 
-    write_atomically(Path(out_dir), write)
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Write the adapter to `out_dir` atomically (a complete folder or none)."""
+    write_atomically(Path(out_dir), lambda tmp: write_adapter_files(model, tmp, base_model))
     return Path(out_dir)
 
 

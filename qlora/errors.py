@@ -9,3 +9,11 @@ its traceback.
 
 class QloraError(Exception):
     """An error caused by user input; its message is shown as-is, on one line."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped a run after a checkpoint was saved in `path`."""
+
+    def __init__(self, step: int, path):
+        super().__init__(f"interrupted: checkpoint saved at step {step} in {path}")
+        self.step, self.path = step, path

@@ -189,9 +189,12 @@ def _load_torch_bin(model, path: Path, quantized, dtype, device) -> None:
 
 
 def load_tokenizer(name_or_path: str | Path):
-    path = resolve_model_path(name_or_path) if Path(name_or_path).exists() else name_or_path
+    """The tokenizer of a local folder, or of a hub model when online."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and (str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/"))):
+        raise QloraError(f"{name_or_path}: tokenizer path not found")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else str(name_or_path))
     except (OSError, ValueError) as e:
         raise QloraError(f"{name_or_path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
 

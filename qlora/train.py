@@ -1,0 +1,336 @@
+"""The training loop: setup -> fit (-> evaluate, save) on accelerate, CPU or CUDA.
+
+Data parallelism is explicit rather than DDP-wrapped: every process holds the 4-bit model,
+computes the summed loss of its share of the step's examples, and the LoRA gradients are
+all-reduced. Each micro-batch's loss is divided by the number of trained tokens in the whole
+optimizer step (all micro-batches, all processes), so N processes x batch b is the same
+optimization as 1 process x batch N*b, and padding never changes a token's weight.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .adapter import save_adapter
+from .config import Recipe, save_resolved
+from .data import Collator, GroupByLengthSampler, build_datasets, ensure_pad_token
+from .errors import QloraError, TrainingInterrupted
+from .generate import generate
+from .lora import LoraSettings, add_lora, trainable_report
+from .loss import lm_loss_sum
+from .metrics import MetricsLog, peak_memory_gb, plot_loss
+from .model import DTYPES, enable_gradient_checkpointing, load_model, load_tokenizer
+from .optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class Run:
+    """Everything setup() builds and fit() uses."""
+    recipe: Recipe
+    acc: Accelerator
+    model: torch.nn.Module
+    tokenizer: object
+    train_ds: object
+    eval_ds: object
+    collator: Collator
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    total_steps: int
+    steps_per_epoch: int
+    run_dir: Path
+    log: MetricsLog
+    state: dict = field(default_factory=lambda: {"step": 0})
+    stop_signal: list = field(default_factory=list)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- setup
+
+def setup(recipe: Recipe, resume: bool = False) -> Run:
+    r, t = recipe, recipe.train
+    run_dir = Path(t.output_dir)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.is_main_process:
+        _check_run_dir(run_dir, resume)
+    acc.wait_for_everyone()
+
+    tokenizer = load_tokenizer(r.model.tokenizer or r.model.name_or_path)
+    ensure_pad_token(tokenizer)
+    train_ds, eval_ds, stats = build_datasets(
+        r.data.path, tokenizer, format=r.data.format, eval_path=r.data.eval_path,
+        eval_ratio=r.data.eval_ratio, max_seq_len=r.data.max_seq_len,
+        train_on_inputs=r.data.train_on_inputs, packing=r.data.packing,
+        skip_malformed=r.data.skip_malformed, seed=t.seed, split=r.data.split,
+        config_name=r.data.config_name)
+    if len(train_ds) == 0:
+        raise QloraError(f"{r.data.path}: no training example left after tokenization")
+
+    torch.manual_seed(t.seed)  # identical LoRA init on every process
+    model = load_model(r.model.name_or_path, quantization=r.model.quantization,
+                       double_quant=r.model.double_quant, compute_dtype=r.model.compute_dtype,
+                       device=acc.device)
+    add_lora(model, LoraSettings(r=r.lora.r, alpha=r.lora.alpha, dropout=r.lora.dropout,
+                                 targets=r.lora.targets, rslora=r.lora.rslora,
+                                 dtype=DTYPES[r.lora.dtype]))
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    torch.manual_seed(t.seed + acc.process_index)  # dropout differs per process, as in DDP
+
+    step_examples = t.batch_size * t.grad_accum * acc.num_processes
+    steps_per_epoch = math.ceil(len(train_ds) / step_examples)
+    total = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad],
+                                t.optimizer, t.lr, t.weight_decay)
+    scheduler = build_scheduler(optimizer, total, t.warmup_ratio, t.schedule)
+    run = Run(r, acc, model, tokenizer, train_ds, eval_ds, Collator(tokenizer.pad_token_id),
+              optimizer, scheduler, total, steps_per_epoch, run_dir,
+              MetricsLog(run_dir, acc.is_main_process), state={"step": 0, "data": vars(stats)})
+    if resume:
+        _resume(run)
+    elif acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(r, run_dir / "recipe.yaml")
+    if acc.is_main_process:
+        counts = trainable_report(model)
+        tqdm.write(f"qlora: {len(train_ds)} train / {len(eval_ds) if eval_ds else 0} eval examples "
+                   f"({stats.dropped_no_target} dropped with no target, {stats.truncated} truncated); "
+                   f"trainable {counts['trainable']:,} of {counts['total']:,} parameters "
+                   f"({100 * counts['trainable'] / counts['total']:.2f}%); {total} steps")
+    return run
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume:
+        if ckpt.latest_checkpoint(run_dir) is None:
+            raise QloraError(f"{run_dir}: no complete checkpoint to resume from")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise QloraError(f"{run_dir}: output_dir already holds a run; resume it with "
+                         f"`qlora train --resume {run_dir}` or choose another train.output_dir")
+
+
+def _resume(run: Run) -> None:
+    path = ckpt.latest_checkpoint(run.run_dir)
+    state = ckpt.load_checkpoint(path, run.model, run.optimizer, run.scheduler,
+                                 run.acc.process_index, run.acc.num_processes)
+    run.state.update(state)
+    run.log = MetricsLog(run.run_dir, run.acc.is_main_process, resume_step=state["step"])
+    if run.acc.is_main_process:
+        tqdm.write(f"qlora: resuming from {path} (step {state['step']})")
+
+
+# ----------------------------------------------------------------------------- data order
+
+def step_examples(run: Run, step: int) -> list[list[int]]:
+    """This process's micro-batches (lists of dataset indices) for optimizer step `step`.
+
+    The order of an epoch is a pure function of (seed, epoch), so resuming at any step
+    replays exactly the batches an uninterrupted run would have seen.
+    """
+    t = run.recipe.train
+    epoch, k = divmod(step, run.steps_per_epoch)
+    order = epoch_order(run, epoch)
+    per_step = t.batch_size * t.grad_accum * run.acc.num_processes
+    chunk = order[k * per_step:(k + 1) * per_step]
+    per_proc = t.batch_size * t.grad_accum
+    mine = chunk[run.acc.process_index * per_proc:(run.acc.process_index + 1) * per_proc]
+    return [mine[i:i + t.batch_size] for i in range(0, len(mine), t.batch_size)]
+
+
+def epoch_order(run: Run, epoch: int) -> list[int]:
+    t, d = run.recipe.train, run.recipe.data
+    if d.group_by_length and not d.packing:
+        # Group by the examples processed side by side (all processes), so that N processes
+        # x batch b see the same order as 1 process x batch N*b.
+        sampler = GroupByLengthSampler(run.train_ds["length"], t.batch_size * run.acc.num_processes,
+                                       seed=t.seed, epoch=epoch)
+        return list(sampler)
+    g = torch.Generator().manual_seed(t.seed * 1000003 + epoch)
+    return torch.randperm(len(run.train_ds), generator=g).tolist()
+
+
+# ----------------------------------------------------------------------------- fit
+
+def fit(run: Run) -> dict:
+    t, acc = run.recipe.train, run.acc
+    run.model.train()
+    bar = tqdm(total=run.total_steps, initial=run.state["step"], disable=not acc.is_main_process,
+               desc="train", dynamic_ncols=True)
+    old_handlers = _catch_signals(run)
+    skipped = 0
+    try:
+        while run.state["step"] < run.total_steps:
+            t0 = time.perf_counter()
+            loss, tokens, grad_norm = train_step(run)
+            step = run.state["step"] = run.state["step"] + 1
+            if not math.isfinite(loss):
+                if t.nan_policy == "stop":
+                    last = ckpt.latest_checkpoint(run.run_dir)
+                    raise QloraError(f"non-finite loss ({loss}) at step {step}; stopped. Last good "
+                                     f"checkpoint: {last or 'none'} (set train.nan_policy=skip "
+                                     "to skip such steps, or lower train.lr)")
+                skipped += 1
+            lr = run.scheduler.get_last_lr()[0]
+            tok_s = tokens / (time.perf_counter() - t0)
+            if step % t.logging_steps == 0 or step == run.total_steps or step == 1:
+                run.log.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                             "tokens_per_s": tok_s, "peak_mem_gb": peak_memory_gb(acc.device)})
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
+                            mem=f"{peak_memory_gb(acc.device):.2f}G")
+            bar.update(1)
+            if t.eval_steps > 0 and step % t.eval_steps == 0 and run.eval_ds is not None:
+                run.state["eval_loss"] = evaluate(run)["eval_loss"]
+            if step % t.save_steps == 0 or step == run.total_steps:
+                save(run)
+            if _stop_requested(run):
+                path = save(run)
+                raise TrainingInterrupted(step, path)
+    finally:
+        bar.close()
+        _restore_signals(old_handlers)
+    final = finish(run)
+    final["skipped_steps"] = skipped
+    return final
+
+
+def train_step(run: Run) -> tuple[float, int, float]:
+    """One optimizer step; returns (mean token loss, trained tokens, grad norm), global."""
+    t = run.recipe.train
+    batches = [run.collator([run.train_ds[i] for i in idx]) for idx in step_examples(run, run.state["step"])]
+    batches = [{k: v.to(run.acc.device) for k, v in b.items()} for b in batches]
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    total_tokens = _all_reduce(torch.tensor(float(local_tokens)), run).item()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for b in batches:
+        s, _ = lm_loss_sum(run.model, b)
+        (s / max(total_tokens, 1)).backward()
+        loss_sum += s.detach().double().cpu()
+    for p in run.params:  # every process joins the all-reduce, even with no example this step
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    _all_reduce_grads(run)
+    loss = _all_reduce(loss_sum, run).item() / max(total_tokens, 1)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, t.max_grad_norm if t.max_grad_norm > 0
+                                               else float("inf")).item()
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, int(total_tokens), grad_norm
+
+
+def _all_reduce(x: torch.Tensor, run: Run) -> torch.Tensor:
+    if run.acc.num_processes > 1:
+        x = x.to(run.acc.device)
+        dist.all_reduce(x)
+    return x.cpu()
+
+
+def _all_reduce_grads(run: Run) -> None:
+    if run.acc.num_processes == 1:
+        return
+    grads = [p.grad for p in run.params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])  # one collective, not hundreds
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Eval loss (mean over trained tokens) and perplexity on the eval split; sample
+    generations for `train.sample_prompts` go to metrics.jsonl."""
+    t, acc = run.recipe.train, run.acc
+    was_training = run.model.training
+    run.model.eval()
+    mine = list(range(acc.process_index, len(run.eval_ds), acc.num_processes))
+    batches = [mine[i:i + t.batch_size] for i in range(0, len(mine), t.batch_size)]
+    if t.eval_max_batches > 0:
+        batches = batches[:t.eval_max_batches]
+    sums = torch.zeros(2, dtype=torch.float64)  # (loss sum, tokens)
+    for idx in batches:
+        b = {k: v.to(acc.device) for k, v in run.collator([run.eval_ds[i] for i in idx]).items()}
+        s, n = lm_loss_sum(run.model, b)
+        sums += torch.tensor([s.item(), n], dtype=torch.float64)
+    loss_sum, tokens = _all_reduce(sums, run).tolist()
+    loss = loss_sum / max(tokens, 1)
+    out = {"step": run.state["step"], "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+    if t.sample_prompts and acc.is_main_process:
+        out["samples"] = [{"prompt": p, "output": generate(
+            run.model, run.tokenizer, p, max_new_tokens=t.sample_max_new_tokens)}
+            for p in t.sample_prompts]
+    run.log.log(out)
+    if acc.is_main_process:
+        tqdm.write(f"step {run.state['step']}: eval loss {loss:.4f}, ppl {out['eval_ppl']:.2f}")
+    run.model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- save
+
+def save(run: Run) -> Path:
+    """Checkpoint (main process writes; every process contributes its RNG state)."""
+    from accelerate.utils import gather_object
+    rng = gather_object([torch.get_rng_state()])
+    path = ckpt.checkpoint_dir(run.run_dir, run.state["step"])
+    if run.acc.is_main_process:
+        ckpt.save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler,
+                             dict(run.state), rng)
+        ckpt.rotate_checkpoints(run.run_dir, run.recipe.train.save_total_limit)
+    run.acc.wait_for_everyone()
+    return path
+
+
+def finish(run: Run) -> dict:
+    """Final adapter (PEFT format) in RUN_DIR/adapter, the loss plot, and a summary."""
+    summary = {"steps": run.state["step"], "run_dir": str(run.run_dir)}
+    if run.eval_ds is not None:
+        summary.update(evaluate(run))
+    if run.acc.is_main_process:
+        save_adapter(run.model, run.run_dir / "adapter")
+        plot_loss(run.run_dir)
+        run.log.close()
+    run.acc.wait_for_everyone()
+    return summary
+
+
+def train(recipe: Recipe, resume: bool = False) -> dict:
+    run = setup(recipe, resume=resume)
+    return fit(run)
+
+
+# ----------------------------------------------------------------------------- signals
+
+def _catch_signals(run: Run):
+    def handler(signum, frame):
+        run.stop_signal.append(signum)  # acted on at the end of the current step
+    try:
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (e.g. inside some test runners): no handlers
+        return {}
+
+
+def _restore_signals(old) -> None:
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
+def _stop_requested(run: Run) -> bool:
+    flag = torch.tensor(float(bool(run.stop_signal)))
+    return _all_reduce(flag, run).item() > 0  # all processes stop at the same step
