@@ -45,22 +45,32 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, rest = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for idx, entries in sd["state"].items():
-        for k, v in entries.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                rest["state"].setdefault(str(idx), {})[k] = v
-    return tensors, rest
+    """Tensors (keyed `param/key/subkey`) for safetensors; everything else for JSON.
+
+    Per-parameter state can nest (bitsandbytes keeps `__bnb_optimizer_quant_state__`), so
+    dicts are walked recursively."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value, key):
+        if torch.is_tensor(value):
+            tensors[key] = value.detach().cpu().contiguous()
+            return None
+        if isinstance(value, dict):
+            return {k: walk(v, f"{key}/{k}") for k, v in value.items()}
+        return value
+    state = {str(idx): walk(entries, str(idx)) for idx, entries in sd["state"].items()}
+    return tensors, {"param_groups": sd["param_groups"], "state": state}
 
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state: dict[int, dict] = {int(i): dict(v) for i, v in rest["state"].items()}
+    state = rest["state"]
     for key, v in tensors.items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
-    return {"state": state, "param_groups": rest["param_groups"]}
+        *parents, leaf = key.split("/")
+        node = state
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return {"state": {int(i): v for i, v in state.items()}, "param_groups": rest["param_groups"]}
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict,

@@ -69,6 +69,22 @@ def set_quantized_weight(q: QuantLinear, weight: torch.Tensor, device: torch.dev
     q.quant_state = state
 
 
+def nf4_roundtrip(weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True,
+                  compute_dtype: torch.dtype = torch.bfloat16,
+                  device: str | torch.device = "cpu") -> torch.Tensor:
+    """The (out, in) weight as a 4-bit layer built from `weight` sees it (pure function).
+
+    Bitwise what `dequantize(layer)` returns after `set_quantized_weight(layer, weight, ...)`
+    with the same settings: same cast to `compute_dtype`, same blocksize, same bitsandbytes
+    calls. Export uses it to merge LoRA into the weights training actually saw.
+    """
+    w = weight.to(device=device, dtype=compute_dtype).contiguous()
+    packed, state = bnb.functional.quantize_4bit(
+        w, blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type,
+        quant_storage=torch.uint8)
+    return bnb.functional.dequantize_4bit(packed, state).to(compute_dtype)
+
+
 def dequantize(linear: nn.Module) -> torch.Tensor:
     """The (out, in) weight exactly as the forward pass sees it, in the compute dtype."""
     if isinstance(linear, Linear4bit):

@@ -232,3 +232,19 @@ def test_existing_run_dir_is_refused(stories, alpaca_slice, tmp_path):
     with pytest.raises(QloraError, match="already holds a run"):
         setup(make_recipe(stories, alpaca_slice, out))
     assert os.listdir(out) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("name", ["paged_adamw_32bit", "adamw_8bit"])
+def test_bitsandbytes_optimizer_state_round_trips(tmp_path, name):
+    """bitsandbytes nests tensors inside per-parameter state; checkpoints must keep them."""
+    from qlora.checkpoint import _join_optimizer_state, _split_optimizer_state
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = build_optimizer([p], name, lr=1e-3, weight_decay=0.0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    tensors, rest = _split_optimizer_state(opt.state_dict())
+    json.dumps(rest)  # no tensor left in the JSON part
+    fresh = build_optimizer([torch.nn.Parameter(p.detach().clone())], name, lr=1e-3, weight_decay=0.0)
+    fresh.load_state_dict(_join_optimizer_state(tensors, json.loads(json.dumps(rest))))
+    again, _ = _split_optimizer_state(fresh.state_dict())
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)

@@ -1,0 +1,183 @@
+"""`qlora` command line: train, export, generate, eval, demo.
+
+User errors (QloraError) print one line and exit 2, without a traceback; an interrupted
+run exits 130 after saving a checkpoint. Heavy imports happen inside the subcommands so that
+`qlora --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import QloraError, TrainingInterrupted
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _train(args) -> None:
+    from .config import load_recipe
+    from .train import train
+    if args.resume:
+        if args.recipe:
+            raise QloraError("give either RECIPE or --resume RUN_DIR, not both")
+        recipe_path = Path(args.resume) / "recipe.yaml"
+        if not recipe_path.is_file():
+            raise QloraError(f"{args.resume}: not a run directory (no recipe.yaml)")
+        recipe = load_recipe(recipe_path, args.set or ())
+        recipe.train.output_dir = str(args.resume)  # the run lives where it is now
+    elif args.recipe:
+        recipe = load_recipe(args.recipe, args.set or ())
+    else:
+        raise QloraError("train needs a RECIPE file or --resume RUN_DIR")
+    _check_paths(recipe)
+    summary = train(recipe, resume=bool(args.resume))
+    line = f"done: {summary['steps']} steps; adapter in {Path(summary['run_dir']) / 'adapter'}"
+    if "eval_loss" in summary:
+        line += f"; eval loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f})"
+    print(line)
+
+
+def _check_paths(recipe) -> None:
+    """Fail before loading anything when a local path in the recipe does not exist."""
+    src = recipe.source or "recipe"
+    for key, value in (("model.name_or_path", recipe.model.name_or_path), ("data.path", recipe.data.path),
+                       ("data.eval_path", recipe.data.eval_path), ("model.tokenizer", recipe.model.tokenizer)):
+        if value and not Path(value).exists() and not _looks_like_hub_name(value):
+            raise QloraError(f"{src}: {key}: path not found: {value}")
+
+
+def _looks_like_hub_name(value: str) -> bool:
+    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and "." not in value.split("/")[0]
+
+
+def _export(args) -> None:
+    from .export import export
+    report = export(args.source, args.out, dtype=args.dtype, merge_into=args.merge_into,
+                    max_shard_size=args.max_shard_size, force=args.force,
+                    verify=not args.no_verify, base=args.base)
+    diff = report.get("max_logit_diff")
+    print(f"exported {report['tensors_merged']} merged tensors to {report['out']} "
+          f"({report['dtype']}, {report['shards']} shard(s))"
+          + (f"; max |logit diff| vs adapter on the 4-bit base: {diff:.4g}" if diff is not None else ""))
+
+
+def _generate(args) -> None:
+    from .generate import generate, load_for_generation
+    model, tokenizer = load_for_generation(args.model, base=args.base)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    if args.prompt is not None:
+        generate(model, tokenizer, args.prompt, chat=True if args.chat else None, stream=True, **kw)
+        print()
+        return
+    if not args.chat:
+        raise QloraError("generate needs --prompt TEXT or --chat")
+    print("chat: one prompt per line; empty line or Ctrl-D to quit", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        generate(model, tokenizer, line.strip(), chat=True, stream=True, **kw)
+        print()
+
+
+def _eval(args) -> None:
+    from .evaluate import evaluate_file
+    r = evaluate_file(args.model, args.data, format=args.format, max_seq_len=args.max_seq_len,
+                      batch_size=args.batch_size, base=args.base)
+    print(f"{args.data}: loss {r['loss']:.4f}, perplexity {r['ppl']:.3f} over {r['tokens']} tokens "
+          f"in {r['examples']} examples")
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+    run_demo(Path(args.out), steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qlora", description=(
+        "QLoRA fine-tuning: a frozen 4-bit NF4 base (bitsandbytes) with bf16 LoRA factors, "
+        "PEFT-compatible adapters, resumable runs and streaming fp16/bf16 export."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune from a recipe, or resume a run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fine-tune a model from a YAML recipe.", epilog=_recipe_help())
+    t.add_argument("recipe", nargs="?", help="recipe YAML file (see recipes/)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest complete checkpoint")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable), e.g. --set train.max_steps=100")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("export", help="merge an adapter into a full fp16/bf16 Hugging Face checkpoint",
+                       description="Dequantize the NF4 base, add (alpha/r)*B*A, write sharded safetensors "
+                                   "that plain transformers loads. Streams: needs about one shard of RAM.")
+    e.add_argument("source", help="run directory, checkpoint directory or adapter directory")
+    e.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
+    e.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="output dtype (default fp16)")
+    e.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized",
+                   help="merge into the dequantized NF4 weights training saw (default), or into the "
+                        "original 16-bit base weights")
+    e.add_argument("--max-shard-size", default="5GB", help="largest shard file (default 5GB)")
+    e.add_argument("--base", help="base model path when the adapter does not name one")
+    e.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    e.add_argument("--no-verify", action="store_true",
+                   help="skip reloading the export with transformers and comparing logits")
+    e.set_defaults(func=_export)
+
+    g = sub.add_parser("generate", help="generate text from a run, adapter or exported model")
+    g.add_argument("model", help="run directory, adapter directory, or model folder")
+    g.add_argument("--prompt", help="prompt text (chat template applied when the tokenizer has one)")
+    g.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, read prompts from stdin")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--base", help="base model path when the adapter does not name one")
+    g.set_defaults(func=_generate)
+
+    v = sub.add_parser("eval", help="loss and perplexity of a model on a data file")
+    v.add_argument("model", help="run directory, adapter directory, or model folder")
+    v.add_argument("--data", required=True, help="JSON/JSONL/CSV/Parquet file in any supported format")
+    v.add_argument("--format", default="auto", help="data format (default: detect from columns)")
+    v.add_argument("--max-seq-len", type=int, default=512)
+    v.add_argument("--batch-size", type=int, default=4)
+    v.add_argument("--base", help="base model path when the adapter does not name one")
+    v.set_defaults(func=_eval)
+
+    d = sub.add_parser("demo", help="the whole pipeline on a built-in tiny model and task (no downloads)",
+                       description="Builds a small Llama-style model and tokenizer locally, makes a task "
+                                   "dataset, then quantizes, trains LoRA, checkpoints, exports, reloads with "
+                                   "plain transformers and generates; prints a report.")
+    d.add_argument("--out", default="runs/demo-builtin", help="working folder (replaced if it exists)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def _recipe_help() -> str:
+    try:
+        from .config import describe_fields
+        return "recipe keys:\n" + describe_fields()
+    except ImportError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except QloraError as e:
+        print(f"qlora: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except TrainingInterrupted as e:
+        print(f"qlora: {e}; continue with `qlora train --resume {e.path.parent}`", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("qlora: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
