@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="merge an adapter into a full fp16/bf16 Hugging Face checkpoint",
                        description="Dequantize the NF4 base, add (alpha/r)*B*A, write sharded safetensors "
-                                   "that plain transformers loads. Streams: needs about one shard of RAM.")
+                                   "that plain transformers loads. Streams tensor by tensor: memory grows with the "
+                                   "largest weight matrix (about 7x it while re-quantizing), not the model.")
     e.add_argument("source", help="run directory, checkpoint directory or adapter directory")
     e.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
     e.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="output dtype (default fp16)")
