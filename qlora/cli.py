@@ -37,7 +37,8 @@ def _train(args) -> None:
     line = f"done: {summary['steps']} steps; adapter in {Path(summary['run_dir']) / 'adapter'}"
     if "eval_loss" in summary:
         line += f"; eval loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f})"
-    print(line)
+    if summary["is_main_process"]:  # under `accelerate launch` every process gets here
+        print(line)
 
 
 def _check_paths(recipe) -> None:

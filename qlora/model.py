@@ -206,4 +206,8 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     checkpointed block requires grad (our embeddings are frozen), which is how LoRA B factors
     silently stay zero in other stacks.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -116,3 +116,28 @@ def test_every_recipe_loads_against_the_schema():
             assert r.train.optimizer == "paged_adamw_32bit" and r.train.schedule == "constant"
             big = path.name in ("guanaco-33b.yaml", "guanaco-65b.yaml")
             assert r.lora.dropout == (0.05 if big else 0.1) and r.train.lr == (1e-4 if big else 2e-4)
+
+
+def test_demo_learns_exports_and_reloads_with_plain_transformers(tmp_path):
+    """The README's first command, end to end in its own process: the task must be learnt
+    (near 0 -> near 100%) and the merged fp16 export must give the same answers."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "qlora", "demo", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "qlora demo report" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["acc_before"] <= 0.1
+    assert report["acc_after"] >= 0.95 and report["acc_merged"] >= 0.95
+    assert report["agreement"] >= 0.95
+    assert report["loss_after"] < report["loss_before"] / 2
+    assert (out / "merged" / "config.json").exists()
+    assert (out / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    keep = tmp_path / "mine.txt"
+    keep.write_text("precious")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "not a demo folder" in capsys.readouterr().err
+    assert keep.read_text() == "precious"
