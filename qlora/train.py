@@ -191,7 +191,7 @@ def fit(run: Run) -> dict:
                 run.log.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                              "tokens_per_s": tok_s, "peak_mem_gb": peak_memory_gb(acc.device)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
-                            mem=f"{peak_memory_gb(acc.device):.2f}G")
+                            mem=f"{peak_memory_gb(acc.device):.2f}G", refresh=False)
             bar.update(1)
             if t.eval_steps > 0 and step % t.eval_steps == 0 and run.eval_ds is not None:
                 run.state["eval_loss"] = evaluate(run)["eval_loss"]

@@ -1,5 +1,5 @@
-"""Shared fixtures: the real assets in ../shared/assets (skipped cleanly when absent) and
-tiny random Llama checkpoints written to disk the way Hugging Face writes them."""
+"""Shared fixtures: the real assets in ../shared/assets or $QLORA_ASSETS (skipped cleanly when
+absent) and tiny random Llama checkpoints written to disk the way Hugging Face writes them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+# QLORA_ASSETS points elsewhere when the checkout does not sit next to shared/.
+ASSETS = Path(os.environ.get("QLORA_ASSETS")
+              or Path(__file__).resolve().parents[1].parent / "shared" / "assets")
 STORIES = ASSETS / "models" / "stories260K"
 
 
