@@ -26,7 +26,7 @@ class LoRALinear(nn.Module):
         self.r, self.alpha = r, alpha
         # rsLoRA keeps the update's scale stable as r grows (Kalajdzievski 2023).
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
         device = base_layer.weight.device
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, dtype=dtype, device=device)
@@ -43,8 +43,34 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
         out = self.base_layer(x)  # (B, T, out), frozen
-        a = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (B, T, r)
-        return out + (self.lora_B(a) * self.scaling).to(out.dtype)
+        x = x.to(self.lora_A.weight.dtype)
+        scaling = self.scaling
+        if self.training and self.dropout > 0:
+            # Inverted dropout with its 1/(1-p) folded into the scale: A is linear, so
+            # A(x * m / (1-p)) = A(x * m) / (1-p), and the scale is applied on the r-wide side.
+            x = drop_unscaled(x, self.dropout)
+            scaling = scaling / (1 - self.dropout)
+        a = self.lora_A(x) * scaling  # (B, T, r): cheaper to scale here than on the out side
+        return out + self.lora_B(a).to(out.dtype)  # (B, T, out)
+
+
+def drop_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:
+    """`x` with each element zeroed with probability `p` (no 1/(1-p) rescale).
+
+    On CPU, `F.dropout`'s Bernoulli sampler was 19% of a 1.3B training step (benchmarks/
+    README.md). 16 random bits per element, drawn as int64 and compared with an integer
+    threshold, give the same distribution (p resolved to 1/65536) ~3x faster. The draw comes
+    from the default generator, so gradient checkpointing's RNG replay reproduces the mask.
+    On CUDA the Bernoulli kernel is already cheap, so it is used there.
+    """
+    if x.device.type == "cuda":
+        return x * torch.empty_like(x).bernoulli_(1 - p)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+    bits.random_(-2**63, 2**63 - 1)  # the full 64-bit range: all four int16 lanes uniform
+    r = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
+    keep = r >= round(p * 65536) - 32768  # P(keep) = 1 - p
+    return torch.where(keep, x, 0)
 
 
 @dataclass

@@ -88,6 +88,53 @@ def test_lora_forward_equals_plain_math(stories):
     assert LoRALinear(torch.nn.Linear(4, 4), r=16, alpha=8, rslora=True).scaling == 2.0
 
 
+def test_lora_dropout_is_inverted_dropout_on_the_adapter_input():
+    from qlora.lora import drop_unscaled
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, dtype=torch.bfloat16)
+    kept = drop_unscaled(x, 0.05)
+    assert set(kept.unique().tolist()) == {0.0, 1.0}
+    assert abs((kept == 0).float().mean().item() - 0.05) < 0.002  # 1e6 draws: sd ~0.0002
+    assert abs((drop_unscaled(x, 0.5) == 0).float().mean().item() - 0.5) < 0.002
+
+    # training-mode output = base + (alpha/r)/(1-p) * B A (x * mask), with the mask it drew
+    base = torch.nn.Linear(64, 96, bias=False, dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.25).train()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    xin = torch.randn(3, 7, 64, dtype=torch.bfloat16)
+    torch.manual_seed(5)
+    got = layer(xin).float()
+    torch.manual_seed(5)
+    mask = drop_unscaled(torch.ones_like(xin), 0.25)
+    A, B, W = (m.weight.float() for m in (layer.lora_A, layer.lora_B, base))
+    expected = xin.float() @ W.T + 2.0 / 0.75 * ((xin * mask).float() @ A.T @ B.T)
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+    # eval mode: no mask, plain scaling
+    layer.eval()
+    plain = xin.float() @ W.T + 2.0 * (xin.float() @ A.T @ B.T)
+    assert (layer(xin).float() - plain).abs().max() <= 0.02 * plain.abs().max()
+
+
+def test_checkpointing_replays_the_dropout_masks(stories):
+    """Recomputation must draw the masks the forward drew, or the LoRA grads are wrong:
+    with and without checkpointing the gradients must be identical."""
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(stories)
+        add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.3))
+        randomize_lora(model)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(7)
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
+
+
 def test_lora_init_and_trainable_count(stories):
     model = load_model(stories)
     before = model(torch.arange(10).view(1, 10)).logits
