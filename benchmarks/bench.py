@@ -95,10 +95,11 @@ def _imports():
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported")
 
 
-def setup_ours(path, rank):
+def setup_ours(path, rank, keep_gb=0.0, tokens=0):
     import torch
     from qlora.lora import LoraSettings, add_lora
-    from qlora.model import enable_gradient_checkpointing, load_model
+    from qlora.model import (decoder_layers, enable_gradient_checkpointing, load_model,
+                             matmul_output_bytes)
     from qlora.optim import build_optimizer
 
     t0 = time.perf_counter()
@@ -108,7 +109,9 @@ def setup_ours(path, rank):
     load_peak = hwm_gb()
     add_lora(model, LoraSettings(r=rank, alpha=2 * rank, dropout=DROPOUT, targets="all-linear",
                                  dtype=torch.bfloat16))
-    enable_gradient_checkpointing(model)
+    # the same rule as `train.keep_matmuls_gb` in a recipe
+    keep = min(len(decoder_layers(model)), int(keep_gb * 1e9 // matmul_output_bytes(model, tokens)))
+    enable_gradient_checkpointing(model, keep_matmul_layers=keep)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, "paged_adamw_8bit", LR, 0.0)
@@ -178,8 +181,12 @@ def worker(args) -> dict:
     gc.collect()
     base_rss = rss_gb()
     hwm_reset = reset_hwm()
-    setup = setup_ours if args.worker == "ours" else setup_reference
-    model, params, step, load_s, load_peak = setup(path, args.rank)
+    if args.worker == "reference":
+        model, params, step, load_s, load_peak = setup_reference(path, args.rank)
+    else:  # ours-keep: selective checkpointing within --keep-matmuls-gb
+        keep_gb = args.keep_matmuls_gb if args.worker == "ours-keep" else 0.0
+        model, params, step, load_s, load_peak = setup_ours(path, args.rank, keep_gb,
+                                                            args.batch * args.seq)
     setup_rss = rss_gb()
     trainable = sum(p.numel() for p in params)
 
@@ -258,7 +265,7 @@ def table(results: list[dict], peak: float) -> str:
     for r in results:
         by_shape.setdefault(r["shape"], {})[r["stack"]] = r
     for shape, d in by_shape.items():
-        for stack in ("ours", "reference"):
+        for stack in ("ours", "ours-keep", "reference"):
             r = d.get(stack)
             if r is None:
                 continue
@@ -267,9 +274,11 @@ def table(results: list[dict], peak: float) -> str:
                         f"{r['load_peak_gb']:.2f} | {r['tok_s']:.1f} | {r['tok_s_best']:.1f} | "
                         f"{r['run_peak_gb']:.2f} | {100 * roof:.2f}% | {r['probe_bf16_flops'] / 1e9:.0f} | "
                         f"{' '.join(f'{t:.1f}' for t in r['step_s'])} | {r['losses'][0]:.4f} |")
-        if "ours" in d and "reference" in d:
-            o, f = d["ours"], d["reference"]
-            rows.append(f"| {shape} | | **ours/ref** | {o['load_s'] / f['load_s']:.2f}x | "
+        for ours in ("ours", "ours-keep"):
+            if ours not in d or "reference" not in d:
+                continue
+            o, f = d[ours], d["reference"]
+            rows.append(f"| {shape} | | **{ours}/ref** | {o['load_s'] / f['load_s']:.2f}x | "
                         f"{o['load_peak_gb'] / f['load_peak_gb']:.2f}x | "
                         f"{o['tok_s'] / f['tok_s']:.2f}x | {o['tok_s_best'] / f['tok_s_best']:.2f}x | "
                         f"{o['run_peak_gb'] / f['run_peak_gb']:.2f}x | | | | |")
@@ -285,13 +294,16 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after warm-up)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    ap.add_argument("--stacks", default="ours,reference", help="which stacks to run")
+    ap.add_argument("--stacks", default="ours,reference",
+                    help="which stacks to run: ours, ours-keep (ours with --keep-matmuls-gb), reference")
+    ap.add_argument("--keep-matmuls-gb", type=float, default=1.0,
+                    help="ours-keep: memory for kept 4-bit matmul outputs (train.keep_matmuls_gb)")
     ap.add_argument("--matmul-seconds", type=float, default=5.0,
                     help="length of the bf16/fp32 matmul peak measurement at the start")
     ap.add_argument("--probe-seconds", type=float, default=1.5,
                     help="length of the bf16 matmul probe each worker runs before loading")
     ap.add_argument("--json", type=Path, help="also write all raw results here")
-    ap.add_argument("--worker", choices=("ours", "reference", "matmul"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("ours", "ours-keep", "reference", "matmul"), help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -307,7 +319,7 @@ def main():
             raise SystemExit(f"unknown shape {s!r}")
     common = ["--seq", str(args.seq), "--batch", str(args.batch), "--rank", str(args.rank),
               "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--probe-seconds", str(args.probe_seconds)]
+              "--probe-seconds", str(args.probe_seconds), "--keep-matmuls-gb", str(args.keep_matmuls_gb)]
     mm = run_child(["--worker", "matmul", "--matmul-seconds", str(args.matmul_seconds)])
     peak = mm["bf16_peak_flops"]
     print(f"bf16 matmul 2048^3: peak {peak / 1e9:.0f} GFLOP/s (median {mm['bf16_median_flops'] / 1e9:.0f}); "

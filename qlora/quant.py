@@ -17,26 +17,112 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import bitsandbytes as bnb  # noqa: E402
+from bitsandbytes.functional import QuantState  # noqa: E402
 from bitsandbytes.nn import Linear4bit, Params4bit  # noqa: E402
 
 BLOCKSIZE = 64  # QLoRA's NF4 block size: one absmax per 64 weights
 QUANT_TYPES = ("nf4", "fp4")
 
 
+TILE_ELEMENTS = 1 << 20  # weights dequantized at once on CPU: 2 MB of bf16
+
+
+def absmax_f32(state: QuantState) -> torch.Tensor:
+    """One fp32 scale per block; with double quantization the scales are themselves 8-bit."""
+    if state.nested:
+        return bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return state.absmax
+
+
+def _row_tiles(n: int, k: int, blocksize: int):
+    """Row ranges [a, b) of an (n, k) weight, each ~TILE_ELEMENTS, starting on a block edge."""
+    rows = max(blocksize, TILE_ELEMENTS // k // blocksize * blocksize)
+    for a in range(0, n, rows):
+        yield a, min(n, a + rows)
+
+
+def _weight_rows(packed, absmax, code, k, blocksize, quant_type, dtype, a, b) -> torch.Tensor:
+    """Rows a..b of the dequantized (n, k) weight. `a` is a multiple of the block size, so
+    its 4-bit codes and scales are contiguous slices of the packed weight and of absmax."""
+    state = QuantState(absmax=absmax[a * k // blocksize: -(-b * k // blocksize)],
+                       shape=torch.Size((b - a, k)), code=code, blocksize=blocksize,
+                       quant_type=quant_type, dtype=dtype)
+    return bnb.functional.dequantize_4bit(packed[a * k // 2: -(-b * k // 2)], state)  # (b-a, k)
+
+
+@torch.library.custom_op("qlora::linear_4bit", mutates_args=())
+def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                bias: torch.Tensor | None, out_features: int, blocksize: int,
+                quant_type: str) -> torch.Tensor:
+    """`x @ W.T + bias` for a frozen 4-bit W (out_features, in), dequantized a row tile at a time.
+
+    Why tiles: bitsandbytes' CPU path dequantizes the whole weight per call. At 7B an MLP
+    weight is 90 MB of bf16, above glibc's mmap threshold, so every call page-faults fresh
+    memory: ~25 ms of a ~80 ms matmul, and 90 MB more peak memory. 2 MB tiles are reused
+    from the heap. The result is bitwise that of `bnb.matmul_4bit` (same dequantization,
+    same bf16 GEMM per output column).
+    """
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)  # (M, k)
+    y = x2.new_empty(x2.shape[0], out_features)  # (M, n)
+    for a, b in _row_tiles(out_features, k, blocksize):
+        w = _weight_rows(packed, absmax, code, k, blocksize, quant_type, x.dtype, a, b)
+        if bias is None:
+            torch.mm(x2, w.t(), out=y[:, a:b])
+        else:  # fused like F.linear, so the bias is rounded in once, as bitsandbytes does
+            torch.addmm(bias[a:b], x2, w.t(), out=y[:, a:b])
+    return y.view(*x.shape[:-1], out_features)
+
+
+@linear_4bit.register_fake
+def _(x, packed, absmax, code, bias, out_features, blocksize, quant_type):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _linear_4bit_setup(ctx, inputs, output):
+    x, packed, absmax, code, bias, out_features, blocksize, quant_type = inputs
+    ctx.save_for_backward(packed, absmax, code)
+    ctx.meta = (x.shape, out_features, blocksize, quant_type)
+
+
+def _linear_4bit_backward(ctx, grad):  # grad: (..., n) -> grad_x: (..., k)
+    """grad_x = grad @ W, accumulated over the same row tiles (the base weight is frozen)."""
+    packed, absmax, code = ctx.saved_tensors
+    x_shape, n, blocksize, quant_type = ctx.meta
+    k = x_shape[-1]
+    g2 = grad.reshape(-1, n)  # (M, n)
+    gx = None
+    for a, b in _row_tiles(n, k, blocksize):
+        w = _weight_rows(packed, absmax, code, k, blocksize, quant_type, grad.dtype, a, b)
+        gx = g2[:, a:b] @ w if gx is None else gx.addmm_(g2[:, a:b], w)  # (M, k)
+    return gx.view(x_shape), None, None, None, None, None, None, None  # base and bias frozen
+
+
+linear_4bit.register_autograd(_linear_4bit_backward, setup_context=_linear_4bit_setup)
+
+# The ops whose outputs selective checkpointing keeps (see model.enable_gradient_checkpointing).
+MATMUL_4BIT_OPS = (torch.ops.qlora.linear_4bit.default, torch.ops.bitsandbytes.gemm_4bit.default)
+
+
 class QuantLinear(Linear4bit):
-    """A `bitsandbytes.nn.Linear4bit` whose forward always takes the plain 4-bit matmul.
+    """A `bitsandbytes.nn.Linear4bit` whose forward never takes bitsandbytes' CPU eval path.
 
     Why a subclass: on CPU, `Linear4bit.forward` in eval mode under no_grad repacks the weight
     in place for an AVX512 kernel that asserts `out_features % 32 == 0` (bitsandbytes 0.50.2),
     so generation with e.g. a 172-wide FFN crashes, and the repacked weight no longer matches
-    the layout that export and state dicts expect. `bnb.matmul_4bit` is the same math without
-    that detour, on every device.
+    the layout that export and state dicts expect. On CPU we run `linear_4bit` (tiled, same
+    numbers); on CUDA, bitsandbytes' own `matmul_4bit` kernels.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in_features)
-        w = self.weight
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        y = bnb.matmul_4bit(x.to(self.compute_dtype), w.t(), bias=bias, quant_state=w.quant_state)
+        w, dtype = self.weight, self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if x.device.type == "cpu":
+            qs = w.quant_state
+            y = linear_4bit(x.to(dtype), w.data.view(-1), absmax_f32(qs), qs.code, bias,
+                            self.out_features, qs.blocksize, qs.quant_type)
+        else:
+            y = bnb.matmul_4bit(x.to(dtype), w.t(), bias=bias, quant_state=w.quant_state)
         return y.to(x.dtype)  # (..., out_features)
 
 

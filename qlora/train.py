@@ -30,7 +30,8 @@ from .generate import generate
 from .lora import LoraSettings, add_lora, trainable_report
 from .loss import lm_loss_sum
 from .metrics import MetricsLog, peak_memory_gb, plot_loss
-from .model import DTYPES, enable_gradient_checkpointing, load_model, load_tokenizer
+from .model import (DTYPES, decoder_layers, enable_gradient_checkpointing, load_model,
+                    load_tokenizer, matmul_output_bytes)
 from .optim import build_optimizer, build_scheduler
 
 
@@ -87,7 +88,9 @@ def setup(recipe: Recipe, resume: bool = False) -> Run:
                                  targets=r.lora.targets, rslora=r.lora.rslora,
                                  dtype=DTYPES[r.lora.dtype]))
     if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        per_layer = matmul_output_bytes(model, t.batch_size * r.data.max_seq_len)
+        keep = min(len(decoder_layers(model)), int(t.keep_matmuls_gb * 1e9 // per_layer)) if per_layer else 0
+        enable_gradient_checkpointing(model, keep_matmul_layers=keep)
     torch.manual_seed(t.seed + acc.process_index)  # dropout differs per process, as in DDP
 
     step_examples = t.batch_size * t.grad_accum * acc.num_processes
@@ -110,6 +113,9 @@ def setup(recipe: Recipe, resume: bool = False) -> Run:
                    f"({stats.dropped_no_target} dropped with no target, {stats.truncated} truncated); "
                    f"trainable {counts['trainable']:,} of {counts['total']:,} parameters "
                    f"({100 * counts['trainable'] / counts['total']:.2f}%); {total} steps")
+        if getattr(model, "qlora_kept_matmul_layers", 0):
+            tqdm.write(f"qlora: checkpointing keeps the 4-bit matmul outputs of "
+                       f"{model.qlora_kept_matmul_layers} of {len(decoder_layers(model))} layers")
     return run
 
 

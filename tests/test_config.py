@@ -173,6 +173,7 @@ BAD_RECIPES = [
     ("warmup 1", MINIMAL + "  warmup_ratio: 1.0\n", ["train.warmup_ratio: must be in [0, 1)"]),
     ("negative clip", MINIMAL + "  max_grad_norm: -1\n", ["train.max_grad_norm: must be >= 0"]),
     ("save limit 0", MINIMAL + "  save_total_limit: 0\n", ["train.save_total_limit: must be >= 1"]),
+    ("negative matmul memory", MINIMAL + "  keep_matmuls_gb: -1\n", ["train.keep_matmuls_gb: must be >= 0"]),
     ("short seq", MINIMAL.replace("data/train.jsonl", "d\n  max_seq_len: 4"), ["data.max_seq_len: must be >= 8"]),
     ("eval ratio 1", MINIMAL.replace("data/train.jsonl", "d\n  eval_ratio: 1"), ["data.eval_ratio: must be in [0, 1)"]),
     ("eval path and ratio", MINIMAL.replace("data/train.jsonl", "d\n  eval_path: e.jsonl\n  eval_ratio: 0.1"),

@@ -73,6 +73,30 @@ def test_sixteen_bit_base_keeps_plain_linears(tiny_model):
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
+@pytest.mark.parametrize("in_features", [172, 256])
+def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_quant, in_features):
+    """Our CPU 4-bit matmul dequantizes row tiles; forward must be bitwise bitsandbytes',
+    backward the plain `grad @ W` up to bf16 rounding of the tile sums."""
+    import bitsandbytes as bnb
+    monkeypatch.setattr(quant, "TILE_ELEMENTS", 1000)  # 64-row tiles: 5 tiles, last one partial
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(in_features, 300, bias=True, dtype=torch.bfloat16)
+    layer = quant.empty_quant_linear(linear, quant_type, double_quant, torch.bfloat16)
+    quant.set_quantized_weight(layer, torch.randn(300, in_features, generator=g), torch.device("cpu"),
+                               torch.bfloat16)
+    layer.bias = torch.nn.Parameter(torch.randn(300, generator=g).bfloat16(), requires_grad=False)
+    x = torch.randn(2, 7, in_features, generator=g).bfloat16().requires_grad_()
+    y = layer(x)
+    w = layer.weight
+    ref = bnb.matmul_4bit(x.detach(), w.t(), bias=layer.bias, quant_state=w.quant_state)
+    assert y.shape == (2, 7, 300) and torch.equal(y, ref)
+    grad = torch.randn(2, 7, 300, generator=g).bfloat16()
+    y.backward(grad)
+    expected = (grad.float() @ quant.dequantize(layer).float())  # (2, 7, in)
+    assert (x.grad.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
 def test_lora_forward_equals_plain_math(stories):
     model = load_model(stories)
     add_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))
@@ -133,6 +157,46 @@ def test_checkpointing_replays_the_dropout_masks(stories):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+def test_selective_checkpointing_keeps_matmuls_and_gives_the_same_gradients(stories, monkeypatch):
+    """Keeping the 4-bit matmul outputs must skip their recompute (fewer dequantizations)
+    and change nothing else: gradients bitwise equal to full recomputation."""
+    import bitsandbytes as bnb
+    from qlora.model import decoder_layers, matmul_output_bytes
+    calls = {"n": 0}
+    real = bnb.functional.dequantize_4bit
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", counting)
+    results = {}
+    for mode in ("none", "recompute", "keep_all", "keep_2"):
+        model = load_model(stories)
+        add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.3))
+        randomize_lora(model)
+        if mode != "none":
+            enable_gradient_checkpointing(model, keep_matmul_layers={"recompute": 0, "keep_all": 99,
+                                                                     "keep_2": 2}[mode])
+        model.train()
+        ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(7)
+        calls["n"] = 0
+        model(ids, labels=ids).loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[mode] = (calls["n"], grads)
+    # one dequantization (a single tile at these sizes) per linear per pass
+    n_layers = len(decoder_layers(model))
+    linears = sum(isinstance(m, quant.Linear4bit) for m in model.modules())  # one forward pass
+    assert results["recompute"][0] - results["keep_all"][0] == linears  # no recompute at all
+    assert results["keep_2"][0] - results["keep_all"][0] == linears * (n_layers - 2) // n_layers
+    for mode in ("recompute", "keep_all", "keep_2"):
+        for n, g in results["none"][1].items():
+            assert torch.equal(g, results[mode][1][n]), (mode, n)
+    # 7 linears of stories260K: q 64, k 32, v 32, o 64, gate 172, up 172, down 64 wide, bf16
+    assert matmul_output_bytes(model, tokens=10) == 10 * (64 + 32 + 32 + 64 + 172 + 172 + 64) * 2
 
 
 def test_lora_init_and_trainable_count(stories):

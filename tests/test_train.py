@@ -113,6 +113,16 @@ def write_recipe(tmp_path, stories, data, out, **kw) -> Path:
     return path
 
 
+def test_keeping_matmul_outputs_trains_the_same_adapter(stories, alpaca_slice, tmp_path, capsys):
+    """train.keep_matmuls_gb only trades memory for recompute: same losses, same adapter."""
+    train(make_recipe(stories, alpaca_slice, tmp_path / "recompute", max_steps=2))
+    train(make_recipe(stories, alpaca_slice, tmp_path / "keep", max_steps=2, keep_matmuls_gb=1.0))
+    assert "keeps the 4-bit matmul outputs of 5 of 5 layers" in capsys.readouterr().out
+    assert losses(tmp_path / "recompute") == losses(tmp_path / "keep")
+    a, b = adapter(tmp_path / "recompute"), adapter(tmp_path / "keep")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sigkill_during_checkpoint_write_keeps_previous(stories, alpaca_slice, tmp_path):
     """Die (SIGKILL) in the middle of writing checkpoint 4: checkpoint 2 stays loadable,
     no half checkpoint is visible, and resume from 2 reproduces the uninterrupted run."""
