@@ -116,13 +116,17 @@ def setup_ours(path, rank, keep_gb=0.0, tokens=0):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, "paged_adamw_8bit", LR, 0.0)
 
-    def step(x):
-        from qlora.loss import lm_loss_sum
+    from qlora.loss import lm_loss_sum
+    from qlora.model import release_freed_memory
+
+    def step(x):  # what qlora.train.train_step does on CPU, minus data and bookkeeping
         s, n = lm_loss_sum(model, {"input_ids": x, "labels": x})
         loss = s / n
+        release_freed_memory()
         loss.backward()
         opt.step()
         opt.zero_grad()
+        release_freed_memory()
         return loss.item()
 
     return model, params, step, load_s, load_peak

@@ -31,7 +31,7 @@ from .lora import LoraSettings, add_lora, trainable_report
 from .loss import lm_loss_sum
 from .metrics import MetricsLog, peak_memory_gb, plot_loss
 from .model import (DTYPES, decoder_layers, enable_gradient_checkpointing, load_model,
-                    load_tokenizer, matmul_output_bytes)
+                    load_tokenizer, matmul_output_bytes, release_freed_memory)
 from .optim import build_optimizer, build_scheduler
 
 
@@ -222,8 +222,11 @@ def train_step(run: Run) -> tuple[float, int, float]:
     local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     total_tokens = _all_reduce(torch.tensor(float(local_tokens)), run).item()
     loss_sum = torch.zeros((), dtype=torch.float64)
+    on_cpu = run.acc.device.type == "cpu"
     for b in batches:
         s, _ = lm_loss_sum(run.model, b)
+        if on_cpu:  # the forward's freed temporaries, before backward needs memory (~30 ms)
+            release_freed_memory()
         (s / max(total_tokens, 1)).backward()
         loss_sum += s.detach().double().cpu()
     for p in run.params:  # every process joins the all-reduce, even with no example this step
@@ -237,6 +240,8 @@ def train_step(run: Run) -> tuple[float, int, float]:
         run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if on_cpu:
+        release_freed_memory()
     return loss, int(total_tokens), grad_norm
 
 

@@ -74,12 +74,25 @@ def test_sixteen_bit_base_keeps_plain_linears(tiny_model):
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_tiled_quantization_equals_bitsandbytes(quant_type, double_quant):
+    """Quantizing 512 rows at a time must give bitsandbytes' codes and (nested) scales."""
+    import bitsandbytes as bnb
+    w = torch.randn(1100, 172, generator=torch.Generator().manual_seed(0)).bfloat16()  # 3 tiles
+    p1, s1 = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=double_quant,
+                                          quant_type=quant_type, quant_storage=torch.uint8)
+    p2, s2 = quant.quantize_4bit(w, quant_type, double_quant)
+    assert p1.shape == p2.shape and torch.equal(p1, p2)
+    d1, d2 = s1.as_dict(packed=True), s2.as_dict(packed=True)
+    assert d1.keys() == d2.keys() and all(torch.equal(d1[k], d2[k]) for k in d1)
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
 @pytest.mark.parametrize("in_features", [172, 256])
 def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_quant, in_features):
     """Our CPU 4-bit matmul dequantizes row tiles; forward must be bitwise bitsandbytes',
     backward the plain `grad @ W` up to bf16 rounding of the tile sums."""
     import bitsandbytes as bnb
-    monkeypatch.setattr(quant, "TILE_ELEMENTS", 1000)  # 64-row tiles: 5 tiles, last one partial
+    monkeypatch.setattr(quant, "TILE_ROWS", 64)  # 5 tiles, the last one partial
     g = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(in_features, 300, bias=True, dtype=torch.bfloat16)
     layer = quant.empty_quant_linear(linear, quant_type, double_quant, torch.bfloat16)
@@ -300,3 +313,28 @@ def test_bad_inputs_name_the_culprit(tmp_path, tiny_model):
     shutil.copy(tiny_model / "model.safetensors", gpt2 / "model.safetensors")
     with pytest.raises(QloraError, match="GPT2LMHeadModel: no decoder blocks with linear layers"):
         load_model(gpt2)
+
+
+def test_chunked_loss_equals_transformers_loss_and_gradients(stories, monkeypatch):
+    """Loss over labelled positions only, head + cross-entropy in checkpointed chunks: the
+    same sum and the same LoRA gradients as transformers' full-logits loss."""
+    from qlora import loss as L
+    monkeypatch.setattr(L, "CHUNK_TOKENS", 7)  # 3 chunks per row below
+    model = load_model(stories)
+    add_lora(model, LoraSettings(r=4, alpha=8))
+    randomize_lora(model)
+    model.train()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a masked prompt
+    s, n = L.lm_loss_sum(model, {"input_ids": ids, "labels": labels})
+    assert n == 2 * 15 - 4
+    (s / n).backward()
+    ours = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    ref = model(ids, labels=labels).loss  # mean over the same n positions
+    ref.backward()
+    assert abs(s.item() / n - ref.item()) < 1e-3 * ref.item()
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            assert (ours[k].float() - p.grad.float()).abs().max() <= 0.02 * p.grad.float().abs().max() + 1e-6, k
