@@ -6,6 +6,8 @@ export share one definition of "the weight as training saw it".
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 
 import torch
@@ -45,67 +47,93 @@ def _row_tiles(n: int, k: int, blocksize: int):
         yield a, min(n, a + rows)
 
 
-def _weight_rows(packed, absmax, code, k, blocksize, quant_type, dtype, a, b) -> torch.Tensor:
+def _weight_rows(packed, absmax, state: QuantState, k: int, dtype, a: int, b: int) -> torch.Tensor:
     """Rows a..b of the dequantized (n, k) weight. `a` is a multiple of the block size, so
     its 4-bit codes and scales are contiguous slices of the packed weight and of absmax."""
-    state = QuantState(absmax=absmax[a * k // blocksize: -(-b * k // blocksize)],
-                       shape=torch.Size((b - a, k)), code=code, blocksize=blocksize,
-                       quant_type=quant_type, dtype=dtype)
-    return bnb.functional.dequantize_4bit(packed[a * k // 2: -(-b * k // 2)], state)  # (b-a, k)
+    bs = state.blocksize
+    tile = QuantState(absmax=absmax[a * k // bs: -(-b * k // bs)], shape=torch.Size((b - a, k)),
+                      code=state.code, blocksize=bs, quant_type=state.quant_type, dtype=dtype)
+    return bnb.functional.dequantize_4bit(packed[a * k // 2: -(-b * k // 2)], tile)  # (b-a, k)
 
 
-@torch.library.custom_op("qlora::linear_4bit", mutates_args=())
-def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                bias: torch.Tensor | None, out_features: int, blocksize: int,
-                quant_type: str) -> torch.Tensor:
-    """`x @ W.T + bias` for a frozen 4-bit W (out_features, in), dequantized a row tile at a time.
+def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x2 @ W.T + bias` with W dequantized one row tile at a time.
 
     Why tiles: bitsandbytes' CPU path dequantizes the whole weight per call. At 7B an MLP
     weight is 90 MB of bf16, above glibc's mmap threshold, so every call page-faults fresh
     memory: ~25 ms of a ~80 ms matmul, and 90 MB more peak memory. Tiles of a few MB are
-    reused from the heap. The result is bitwise that of `bnb.matmul_4bit` (same dequantization,
-    same bf16 GEMM per output column).
+    reused from the heap. Each output column is the same bf16 GEMM as bitsandbytes', so the
+    result is bitwise `bnb.matmul_4bit`'s.
     """
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)  # (M, k)
-    y = x2.new_empty(x2.shape[0], out_features)  # (M, n)
-    for a, b in _row_tiles(out_features, k, blocksize):
-        w = _weight_rows(packed, absmax, code, k, blocksize, quant_type, x.dtype, a, b)
+    state, (m, k), n = weight.quant_state, x2.shape, weight.quant_state.shape[0]
+    packed, absmax = weight.data.view(-1), absmax_f32(state)
+    y = x2.new_empty(m, n)  # (M, n)
+    for a, b in _row_tiles(n, k, state.blocksize):
+        w = _weight_rows(packed, absmax, state, k, x2.dtype, a, b)  # (b-a, k)
         if bias is None:
             torch.mm(x2, w.t(), out=y[:, a:b])
         else:  # fused like F.linear, so the bias is rounded in once, as bitsandbytes does
             torch.addmm(bias[a:b], x2, w.t(), out=y[:, a:b])
-    return y.view(*x.shape[:-1], out_features)
+    return y
 
 
-@linear_4bit.register_fake
-def _(x, packed, absmax, code, bias, out_features, blocksize, quant_type):
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
-def _linear_4bit_setup(ctx, inputs, output):
-    x, packed, absmax, code, bias, out_features, blocksize, quant_type = inputs
-    ctx.save_for_backward(packed, absmax, code)
-    ctx.meta = (x.shape, out_features, blocksize, quant_type)
-
-
-def _linear_4bit_backward(ctx, grad):  # grad: (..., n) -> grad_x: (..., k)
-    """grad_x = grad @ W, accumulated over the same row tiles (the base weight is frozen)."""
-    packed, absmax, code = ctx.saved_tensors
-    x_shape, n, blocksize, quant_type = ctx.meta
-    k = x_shape[-1]
-    g2 = grad.reshape(-1, n)  # (M, n)
+def _cpu_input_grad(g2: torch.Tensor, weight: Params4bit, k: int) -> torch.Tensor:
+    """`g2 @ W` (M, k), accumulated over the same row tiles."""
+    state, n = weight.quant_state, weight.quant_state.shape[0]
+    packed, absmax = weight.data.view(-1), absmax_f32(state)
     gx = None
-    for a, b in _row_tiles(n, k, blocksize):
-        w = _weight_rows(packed, absmax, code, k, blocksize, quant_type, grad.dtype, a, b)
-        gx = g2[:, a:b] @ w if gx is None else gx.addmm_(g2[:, a:b], w)  # (M, k)
-    return gx.view(x_shape), None, None, None, None, None, None, None  # base and bias frozen
+    for a, b in _row_tiles(n, k, state.blocksize):
+        w = _weight_rows(packed, absmax, state, k, g2.dtype, a, b)
+        gx = g2[:, a:b] @ w if gx is None else gx.addmm_(g2[:, a:b], w)
+    return gx
 
 
-linear_4bit.register_autograd(_linear_4bit_backward, setup_context=_linear_4bit_setup)
+class _Matmul4bit(torch.autograd.Function):
+    """y = x @ W.T + bias for a frozen 4-bit W; backward returns the input gradient only.
 
-# The ops whose outputs selective checkpointing keeps (see model.enable_gradient_checkpointing).
-MATMUL_4BIT_OPS = (torch.ops.qlora.linear_4bit.default, torch.ops.bitsandbytes.gemm_4bit.default)
+    `kept` is this call's output saved by the original forward pass when selective
+    checkpointing recomputes the layer (see `keeping_outputs`): it is returned as is, so the
+    recompute costs no dequantization and no GEMM, while backward still flows through W.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kept):  # x: (..., k)
+        ctx.weight, ctx.x_shape = weight, x.shape
+        if kept is not None:
+            return kept
+        if x.device.type == "cpu":
+            y = _cpu_forward(x.reshape(-1, x.shape[-1]), weight, bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return bnb.matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (..., n)
+        weight, x_shape = ctx.weight, ctx.x_shape
+        if grad.device.type == "cpu":
+            gx = _cpu_input_grad(grad.reshape(-1, grad.shape[-1]), weight, x_shape[-1])
+        else:
+            w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(grad.dtype)
+            gx = grad.reshape(-1, grad.shape[-1]) @ w
+        return gx.view(x_shape), None, None, None  # base weight and bias are frozen
+
+
+# Which phase of a selectively checkpointed layer is running: None, "forward" or "recompute".
+_KEEP_PHASE: list[str | None] = [None]
+
+
+@contextlib.contextmanager
+def keeping_outputs(layer: nn.Module, phase: str):
+    """While active, the 4-bit linears of `layer` keep their outputs ("forward") or hand the
+    kept ones back in the same order ("recompute"). Used as a checkpoint context_fn pair."""
+    if phase == "forward":
+        for m in layer.modules():
+            if isinstance(m, QuantLinear):
+                m.kept.clear()  # leftovers of a forward whose backward never ran
+    previous, _KEEP_PHASE[0] = _KEEP_PHASE[0], phase
+    try:
+        yield
+    finally:
+        _KEEP_PHASE[0] = previous
 
 
 class QuantLinear(Linear4bit):
@@ -114,19 +142,21 @@ class QuantLinear(Linear4bit):
     Why a subclass: on CPU, `Linear4bit.forward` in eval mode under no_grad repacks the weight
     in place for an AVX512 kernel that asserts `out_features % 32 == 0` (bitsandbytes 0.50.2),
     so generation with e.g. a 172-wide FFN crashes, and the repacked weight no longer matches
-    the layout that export and state dicts expect. On CPU we run `linear_4bit` (tiled, same
-    numbers); on CUDA, bitsandbytes' own `matmul_4bit` kernels.
+    the layout that export and state dicts expect. We run the tiled CPU matmul above (same
+    numbers), bitsandbytes' kernels on CUDA, and can keep outputs for selective checkpointing.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kept: collections.deque[torch.Tensor] = collections.deque()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in_features)
-        w, dtype = self.weight, self.compute_dtype
+        dtype, phase = self.compute_dtype, _KEEP_PHASE[0]
         bias = None if self.bias is None else self.bias.to(dtype)
-        if x.device.type == "cpu":
-            qs = w.quant_state
-            y = linear_4bit(x.to(dtype), w.data.view(-1), absmax_f32(qs), qs.code, bias,
-                            self.out_features, qs.blocksize, qs.quant_type)
-        else:
-            y = bnb.matmul_4bit(x.to(dtype), w.t(), bias=bias, quant_state=w.quant_state)
+        kept = self.kept.popleft() if phase == "recompute" and self.kept else None
+        y = _Matmul4bit.apply(x.to(dtype), self.weight, bias, kept)
+        if phase == "forward":
+            self.kept.append(y.detach())
         return y.to(x.dtype)  # (..., out_features)
 
 
