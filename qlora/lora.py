@@ -10,7 +10,6 @@ saved keys are PEFT's with no renaming table.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -44,34 +43,15 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
         out = self.base_layer(x)  # (B, T, out), frozen
+        x = x.to(self.lora_A.weight.dtype)
         scaling = self.scaling
         if self.training and self.dropout > 0:
             # Inverted dropout with its 1/(1-p) folded into the scale: A is linear, so
             # A(x * m / (1-p)) = A(x * m) / (1-p), and the scale is applied on the r-wide side.
-            x = shared_drop(x, self.dropout, self.lora_A.weight.dtype)
+            x = drop_unscaled(x, self.dropout)
             scaling = scaling / (1 - self.dropout)
-        else:
-            x = x.to(self.lora_A.weight.dtype)
         a = self.lora_A(x) * scaling  # (B, T, r): cheaper to scale here than on the out side
         return out + self.lora_B(a).to(out.dtype)  # (B, T, out)
-
-
-_LAST_DROP: dict = {}  # the latest shared_drop call: its input (weakly), settings and result
-
-
-def shared_drop(x: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """`drop_unscaled(x.to(dtype), p)`, reusing the mask when the previous adapter saw the very
-    same input tensor: q/k/v (and gate/up) read one tensor, so they share one dropout draw
-    (the stacked-projection trick; PEFT draws one per projection). This cuts the masks per
-    Llama layer from 7 to 4. Checkpoint recomputation makes the same calls in the same order,
-    so it replays the same masks."""
-    key = (p, dtype, x._version, torch.is_grad_enabled())
-    ref = _LAST_DROP.get("x")
-    if ref is not None and ref() is x and _LAST_DROP["key"] == key:
-        return _LAST_DROP["out"]
-    out = drop_unscaled(x.to(dtype), p)
-    _LAST_DROP.update(x=weakref.ref(x), key=key, out=out)
-    return out
 
 
 def drop_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -152,24 +152,6 @@ def test_lora_dropout_is_inverted_dropout_on_the_adapter_input():
     assert (layer(xin).float() - plain).abs().max() <= 0.02 * plain.abs().max()
 
 
-def test_adapters_reading_one_tensor_share_one_dropout_mask():
-    """q/k/v read the same hidden states: one mask for all three; a different tensor (even
-    with equal values) draws its own."""
-    def identity_adapter():  # output = dropout(x) exactly: base 0, A = B = I, scale 1
-        base = torch.nn.Linear(64, 64, bias=False, dtype=torch.bfloat16)
-        torch.nn.init.zeros_(base.weight)
-        layer = LoRALinear(base, r=64, alpha=64, dropout=0.5).train()
-        for m in (layer.lora_A, layer.lora_B):
-            m.weight.data.copy_(torch.eye(64))
-        return layer
-    q, k = identity_adapter(), identity_adapter()
-    x = torch.ones(4, 64, dtype=torch.bfloat16)
-    a, b = q(x), k(x)
-    assert torch.equal(a, b) and (a == 0).any() and (a == 2).any()  # kept ones scaled by 1/(1-p)
-    c = k(x.clone())
-    assert not torch.equal(a, c)
-
-
 def test_checkpointing_replays_the_dropout_masks(stories):
     """Recomputation must draw the masks the forward drew, or the LoRA grads are wrong:
     with and without checkpointing the gradients must be identical."""
