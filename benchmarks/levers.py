@@ -1,0 +1,126 @@
+"""Before/after of each speed and memory lever, on one loaded model, in one process.
+
+    python benchmarks/levers.py --shape 1.3b --seq 512 --steps 2 --warmup 1 --rounds 2
+
+Loads OURS once (NF4, LoRA r16 alpha 32 dropout 0.05 on all linears, non-reentrant
+checkpointing, PagedAdamW8bit lr 1e-4, the same loop as bench.py) and times a few steps per
+configuration. Each configuration switches one lever back to what qlora did before it
+(re-created here by patching the module attribute the lever lives in):
+
+  tiled 4-bit matmul   -> bitsandbytes' whole-weight dequantize + GEMM per call (qlora tiles
+                          only weights over 32 MB of bf16, so at 1.3B both are whole-weight)
+  16-bit dropout mask  -> a Bernoulli draw per element (what F.dropout does)
+  release freed memory -> no malloc_trim in the step
+  keep matmul outputs  -> (off by default) train.keep_matmuls_gb large enough for every layer
+
+"peak GB" is VmHWM after the configuration's steps, reset to the current RSS before them, so
+it is comparable between rows of one run only. Random-weight shapes come from _shapes.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from bench import hwm_gb, reset_hwm  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="1.3b")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="passes over all configurations")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+
+    import bitsandbytes as bnb
+    import torch
+
+    import _shapes
+    from qlora import lora, model as qmodel, quant
+    from qlora.lora import LoraSettings, add_lora
+    from qlora.loss import lm_loss_sum
+    from qlora.optim import build_optimizer
+
+    path = _shapes.model_path(args.shape)
+    torch.manual_seed(0)
+    model = qmodel.load_model(path, device="cpu")
+    add_lora(model, LoraSettings(r=16, alpha=32, dropout=0.05))
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], "paged_adamw_8bit", 1e-4, 0.0)
+    vocab = model.config.vocab_size
+    layers = qmodel.decoder_layers(model)
+
+    current = {
+        "cpu_forward": quant._cpu_forward, "cpu_input_grad": quant._cpu_input_grad,
+        "drop": lora.drop_unscaled, "release": qmodel.release_freed_memory}
+    before = {
+        # what bnb.matmul_4bit does on CPU: the whole weight dequantized per call
+        "cpu_forward": lambda x2, w, bias: bnb.matmul_4bit(x2, w.t(), bias=bias, quant_state=w.quant_state),
+        "cpu_input_grad": lambda g2, w, k: g2 @ bnb.functional.dequantize_4bit(w.data, w.quant_state).to(g2.dtype),
+        # a Bernoulli draw per element and per adapter, as F.dropout
+        "drop": lambda x, p: x * torch.empty_like(x).bernoulli_(1 - p),
+        "release": lambda: None}
+    def apply(off: set[str], keep: bool) -> None:
+        quant._cpu_forward = before["cpu_forward"] if "tiled" in off else current["cpu_forward"]
+        quant._cpu_input_grad = before["cpu_input_grad"] if "tiled" in off else current["cpu_input_grad"]
+        lora.drop_unscaled = before["drop"] if "mask" in off else current["drop"]
+        qmodel.release_freed_memory = before["release"] if "release" in off else current["release"]
+        qmodel.enable_gradient_checkpointing(model, keep_matmul_layers=len(layers) if keep else 0)
+        model.train()
+
+    def step(x) -> float:
+        s, n = lm_loss_sum(model, {"input_ids": x, "labels": x})
+        qmodel.release_freed_memory()
+        (s / n).backward()
+        opt.step()
+        opt.zero_grad()
+        qmodel.release_freed_memory()
+        return (s / n).item()
+
+    configs = [  # (name, levers off, keep matmul outputs)
+        ("qlora default (all levers)", set(), False),
+        ("  without tiled 4-bit matmul", {"tiled"}, False),
+        ("  without 16-bit dropout mask", {"mask"}, False),
+        ("  without release of freed memory", {"release"}, False),
+        ("none of the levers", {"tiled", "mask", "release"}, False),
+        ("default + keep matmul outputs (all layers)", set(), True),
+    ]
+    g = torch.Generator().manual_seed(1234)
+    times: dict[str, list[float]] = {name: [] for name, *_ in configs}
+    peaks: dict[str, float] = {}
+    for rnd in range(args.rounds):  # round-robin, so that drifts in machine speed hit every row
+        for name, off, keep in configs:
+            apply(off, keep)
+            qmodel.release_freed_memory()
+            reset_hwm()
+            for i in range(args.warmup + args.steps):
+                x = torch.randint(0, vocab, (1, args.seq), generator=g)
+                t0 = time.perf_counter()
+                step(x)
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
+            peaks[name] = max(peaks.get(name, 0.0), hwm_gb())
+            print(f"round {rnd} {name:45s} steps {' '.join(f'{t:.2f}' for t in times[name][-args.steps:])}"
+                  f"  peak {hwm_gb():.2f} GB", flush=True)
+    rows = [(name, statistics.median(times[name]), peaks[name], times[name]) for name, *_ in configs]
+    base = rows[0][1]
+    print(f"\n{args.shape}, seq {args.seq}, batch 1; per row and round {args.warmup} warm-up + "
+          f"{args.steps} timed steps, {args.rounds} rounds; s/step = median of all timed steps")
+    print("| configuration | s/step | tok/s | vs default | peak RSS GB |")
+    print("|---|---|---|---|---|")
+    for name, med, peak, _ in rows:
+        print(f"| {name.strip()} | {med:.2f} | {args.seq / med:.1f} | {base / med:.2f}x | {peak:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""One 4-bit linear, forward and input-gradient: bitsandbytes' CPU path vs qlora's row tiles.
+
+    python benchmarks/matmul4bit.py [--tokens 512]
+
+For the Llama-2-7B and 1.3B weight shapes: best-of-6 milliseconds of `bnb.matmul_4bit`'s
+forward (whole weight dequantized per call, then one GEMM) and of its backward (`grad @
+dequantize(W)`), next to `qlora.quant`'s tiled forward and input gradient (512 weight rows
+dequantized at a time). It also checks that the two forwards are bitwise equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def best_ms(f, n: int = 6) -> float:
+    f()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=512)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    import bitsandbytes as bnb
+    import torch
+    from qlora import quant
+
+    print("| weight (out x in) | bnb fwd ms | tiled fwd ms | bnb input-grad ms | tiled input-grad ms | fwd bitwise equal |")
+    print("|---|---|---|---|---|---|")
+    for out_f, in_f in [(11008, 4096), (4096, 11008), (4096, 4096), (5504, 2048), (2048, 5504)]:
+        g = torch.Generator().manual_seed(0)
+        layer = quant.empty_quant_linear(torch.nn.Linear(in_f, out_f, bias=False), "nf4", True, torch.bfloat16)
+        quant.set_quantized_weight(layer, torch.randn(out_f, in_f, generator=g), torch.device("cpu"),
+                                   torch.bfloat16)
+        w, qs = layer.weight, layer.weight.quant_state
+        x = torch.randn(args.tokens, in_f, generator=g).bfloat16()
+        grad = torch.randn(args.tokens, out_f, generator=g).bfloat16()
+        with torch.no_grad():
+            ref = bnb.matmul_4bit(x, w.t(), quant_state=qs)
+            ours = quant._cpu_forward(x, w, None)
+            row = [best_ms(lambda: bnb.matmul_4bit(x, w.t(), quant_state=qs)),
+                   best_ms(lambda: quant._cpu_forward(x, w, None)),
+                   best_ms(lambda: grad @ bnb.functional.dequantize_4bit(w.data, qs).to(grad.dtype)),
+                   best_ms(lambda: quant._cpu_input_grad(grad, w, in_f))]
+        print(f"| {out_f} x {in_f} | " + " | ".join(f"{v:.1f}" for v in row)
+              + f" | {torch.equal(ref, ours)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
