@@ -41,6 +41,7 @@ def absmax_f32(state: QuantState) -> torch.Tensor:
 
 
 def _matmul_tiles(n: int, k: int, blocksize: int):
+    """Row ranges the CPU matmul dequantizes at a time: the whole weight, or 512-row tiles."""
     return [(0, n)] if n * k < WHOLE_WEIGHT_ELEMENTS else _row_tiles(n, k, blocksize)
 
 
@@ -65,7 +66,7 @@ def _weight_rows(packed, absmax, state: QuantState, k: int, dtype, a: int, b: in
 
 
 def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x2 @ W.T + bias` with W dequantized one row tile at a time.
+    """`x2 @ W.T + bias` with W dequantized one row tile at a time (whole if under 32 MB).
 
     Why tiles: bitsandbytes' CPU path dequantizes the whole weight per call. At 7B an MLP
     weight is 90 MB of bf16, above glibc's mmap threshold, so every call page-faults fresh
