@@ -7,8 +7,7 @@ checkpointing, PagedAdamW8bit lr 1e-4, the same loop as bench.py) and times a fe
 configuration. Each configuration switches one lever back to what qlora did before it
 (re-created here by patching the module attribute the lever lives in):
 
-  tiled 4-bit matmul   -> bitsandbytes' whole-weight dequantize + GEMM per call (qlora tiles
-                          only weights over 32 MB of bf16, so at 1.3B both are whole-weight)
+  tiled 4-bit matmul   -> bitsandbytes' whole-weight dequantize + GEMM per call
   16-bit dropout mask  -> a Bernoulli draw per element (what F.dropout does)
   release freed memory -> no malloc_trim in the step
   keep matmul outputs  -> (off by default) train.keep_matmuls_gb large enough for every layer

@@ -26,11 +26,10 @@ BLOCKSIZE = 64  # QLoRA's NF4 block size: one absmax per 64 weights
 QUANT_TYPES = ("nf4", "fp4")
 
 
-TILE_ROWS = 512  # weight rows dequantized at once on CPU: 4 MB of bf16 at in_features 4096
-# Weights under this many elements are dequantized whole for a matmul: 32 MB of bf16 is
-# glibc's largest mmap threshold, so below it the buffer is reused from the heap anyway and
-# one GEMM beats tiles (1.3B: 9.5 vs 9.9 s/step, benchmarks/levers.py). 4096 x 4096 is tiled.
-WHOLE_WEIGHT_ELEMENTS = 16 * 2**20
+# Weight rows dequantized at once on CPU: 4 MB of bf16 at in_features 4096. Tiling every
+# weight, even ones a whole-weight buffer would fit in the heap for, keeps the 1.3B training
+# peak at 1.83 GB instead of 2.18 GB (benchmarks/README.md), for ~4% of step time.
+TILE_ROWS = 512
 
 
 def absmax_f32(state: QuantState) -> torch.Tensor:
@@ -38,11 +37,6 @@ def absmax_f32(state: QuantState) -> torch.Tensor:
     if state.nested:
         return bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
     return state.absmax
-
-
-def _matmul_tiles(n: int, k: int, blocksize: int):
-    """Row ranges the CPU matmul dequantizes at a time: the whole weight, or 512-row tiles."""
-    return [(0, n)] if n * k < WHOLE_WEIGHT_ELEMENTS else _row_tiles(n, k, blocksize)
 
 
 def _row_tiles(n: int, k: int, blocksize: int):
@@ -66,7 +60,7 @@ def _weight_rows(packed, absmax, state: QuantState, k: int, dtype, a: int, b: in
 
 
 def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x2 @ W.T + bias` with W dequantized one row tile at a time (whole if under 32 MB).
+    """`x2 @ W.T + bias` with W dequantized one row tile at a time.
 
     Why tiles: bitsandbytes' CPU path dequantizes the whole weight per call. At 7B an MLP
     weight is 90 MB of bf16, above glibc's mmap threshold, so every call page-faults fresh
@@ -77,7 +71,7 @@ def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None
     state, (m, k), n = weight.quant_state, x2.shape, weight.quant_state.shape[0]
     packed, absmax = weight.data.view(-1), absmax_f32(state)
     y = x2.new_empty(m, n)  # (M, n)
-    for a, b in _matmul_tiles(n, k, state.blocksize):
+    for a, b in _row_tiles(n, k, state.blocksize):
         w = _weight_rows(packed, absmax, state, k, x2.dtype, a, b)  # (b-a, k)
         if bias is None:
             torch.mm(x2, w.t(), out=y[:, a:b])
@@ -91,7 +85,7 @@ def _cpu_input_grad(g2: torch.Tensor, weight: Params4bit, k: int) -> torch.Tenso
     state, n = weight.quant_state, weight.quant_state.shape[0]
     packed, absmax = weight.data.view(-1), absmax_f32(state)
     gx = None
-    for a, b in _matmul_tiles(n, k, state.blocksize):
+    for a, b in _row_tiles(n, k, state.blocksize):
         w = _weight_rows(packed, absmax, state, k, g2.dtype, a, b)
         gx = g2[:, a:b] @ w if gx is None else gx.addmm_(g2[:, a:b], w)
     return gx

@@ -93,7 +93,6 @@ def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_q
     backward the plain `grad @ W` up to bf16 rounding of the tile sums."""
     import bitsandbytes as bnb
     monkeypatch.setattr(quant, "TILE_ROWS", 64)  # 5 tiles, the last one partial
-    monkeypatch.setattr(quant, "WHOLE_WEIGHT_ELEMENTS", 0)  # tile even these small weights
     g = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(in_features, 300, bias=True, dtype=torch.bfloat16)
     layer = quant.empty_quant_linear(linear, quant_type, double_quant, torch.bfloat16)
