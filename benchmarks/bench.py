@@ -98,8 +98,7 @@ def _imports():
 def setup_ours(path, rank, keep_gb=0.0, tokens=0):
     import torch
     from qlora.lora import LoraSettings, add_lora
-    from qlora.model import (decoder_layers, enable_gradient_checkpointing, load_model,
-                             matmul_output_bytes)
+    from qlora.model import enable_gradient_checkpointing, load_model, matmul_layers_within
     from qlora.optim import build_optimizer
 
     t0 = time.perf_counter()
@@ -110,8 +109,7 @@ def setup_ours(path, rank, keep_gb=0.0, tokens=0):
     add_lora(model, LoraSettings(r=rank, alpha=2 * rank, dropout=DROPOUT, targets="all-linear",
                                  dtype=torch.bfloat16))
     # the same rule as `train.keep_matmuls_gb` in a recipe
-    keep = min(len(decoder_layers(model)), int(keep_gb * 1e9 // matmul_output_bytes(model, tokens)))
-    enable_gradient_checkpointing(model, keep_matmul_layers=keep)
+    enable_gradient_checkpointing(model, keep_matmul_layers=matmul_layers_within(model, keep_gb, tokens))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, "paged_adamw_8bit", LR, 0.0)

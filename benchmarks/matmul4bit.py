@@ -1,6 +1,6 @@
 """One 4-bit linear, forward and input-gradient: bitsandbytes' CPU path vs qlora's row tiles.
 
-    python benchmarks/matmul4bit.py [--tokens 512]
+    python benchmarks/matmul4bit.py [--tokens 512] [--tile-rows 512]
 
 For the Llama-2-7B and 1.3B weight shapes: best-of-6 milliseconds of `bnb.matmul_4bit`'s
 forward (whole weight dequantized per call, then one GEMM) and of its backward (`grad @
@@ -32,11 +32,14 @@ def best_ms(f, n: int = 6) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--tile-rows", type=int, default=None, help="override quant.TILE_ROWS")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import bitsandbytes as bnb
     import torch
     from qlora import quant
+    if args.tile_rows:
+        quant.TILE_ROWS = args.tile_rows
 
     print("| weight (out x in) | bnb fwd ms | tiled fwd ms | bnb input-grad ms | tiled input-grad ms | fwd bitwise equal |")
     print("|---|---|---|---|---|---|")

@@ -57,9 +57,9 @@ class LoRALinear(nn.Module):
 def drop_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:
     """`x` with each element zeroed with probability `p` (no 1/(1-p) rescale).
 
-    On CPU, `F.dropout`'s Bernoulli sampler was 19% of a 1.3B training step (benchmarks/
-    README.md). 16 random bits per element, drawn as int64 and compared with an integer
-    threshold, give the same distribution (p resolved to 1/65536) ~3x faster. The draw comes
+    On CPU, `F.dropout`'s Bernoulli sampler is slow: 16 random bits per element, drawn as
+    int64 and compared with an integer threshold, give the same distribution (p resolved to
+    1/65536) and save 1.3-1.9 s of a ~10 s 1.3B step (benchmarks/levers.py). The draw comes
     from the default generator, so gradient checkpointing's RNG replay reproduces the mask.
     On CUDA the Bernoulli kernel is already cheap, so it is used there.
     """

@@ -174,9 +174,9 @@ def release_freed_memory() -> None:
     """Hand memory that is free inside the C heap back to the OS (glibc only; else a no-op).
 
     Quantizing leaves the kept 4-bit weights scattered between freed 16-bit temporaries, and
-    a forward pass leaves activations' holes, which glibc returns only on request. Calling
-    this while loading and twice per training step (~30 ms each) lowered the 1.3B training
-    peak from 2.09 to 1.87 GB (benchmarks/README.md).
+    a forward pass leaves activations' holes, which glibc returns only on request. Twice per
+    1.3B training step it lowers the peak by 0.16 GB for ~5% of the step time, the cost of
+    faulting the returned pages back in (benchmarks/levers.py).
     """
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
@@ -255,7 +255,6 @@ def enable_gradient_checkpointing(model: PreTrainedModel, keep_matmul_layers: in
         # transformers' GradientCheckpointingLayer calls this attribute to checkpoint itself
         layer._gradient_checkpointing_func = functools.partial(
             checkpoint, use_reentrant=False, context_fn=functools.partial(_keep_contexts, layer))
-    model.qlora_kept_matmul_layers = min(keep_matmul_layers, len(decoder_layers(model)))
 
 
 def _keep_contexts(layer):
@@ -265,8 +264,13 @@ def _keep_contexts(layer):
 
 def matmul_output_bytes(model: nn.Module, tokens: int) -> int:
     """Bytes that keeping one decoder layer's 4-bit matmul outputs costs for `tokens` tokens."""
-    layer = decoder_layers(model)[0]
-    widths = sum(m.out_features for m in layer.modules() if isinstance(m, quant.Linear4bit))
-    dtypes = {m.compute_dtype for m in layer.modules() if isinstance(m, quant.Linear4bit)}
-    itemsize = torch.finfo(dtypes.pop()).bits // 8 if dtypes else 2
-    return tokens * widths * itemsize
+    linears = [m for m in decoder_layers(model)[0].modules() if isinstance(m, quant.Linear4bit)]
+    return sum(tokens * m.out_features * m.compute_dtype.itemsize for m in linears)
+
+
+def matmul_layers_within(model: nn.Module, budget_gb: float, tokens: int) -> int:
+    """How many decoder layers' matmul outputs fit in `budget_gb` (train.keep_matmuls_gb)."""
+    per_layer = matmul_output_bytes(model, tokens)
+    if per_layer == 0:  # a 16-bit base has no 4-bit matmuls to keep
+        return 0
+    return min(len(decoder_layers(model)), int(budget_gb * 1e9 // per_layer))

@@ -42,8 +42,9 @@ def absmax_f32(state: QuantState) -> torch.Tensor:
 def _row_tiles(n: int, k: int, blocksize: int):
     """Row ranges [a, b) of an (n, k) weight, starting on a block edge.
 
-    512 rows: the backward GEMM's inner dimension is the tile height, and below ~512 rows it
-    runs measurably slower (7B down_proj backward: 76 ms with 128 rows, 65 ms with 512).
+    512 rows: the backward GEMM's inner dimension is the tile height, and short tiles run it
+    slower (7B down_proj input gradient: 85.6 ms with 128 rows, 74.1 ms with 512;
+    `benchmarks/matmul4bit.py --tile-rows N`).
     """
     rows = -(-TILE_ROWS // blocksize) * blocksize
     for a in range(0, n, rows):
@@ -64,8 +65,8 @@ def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None
 
     Why tiles: bitsandbytes' CPU path dequantizes the whole weight per call. At 7B an MLP
     weight is 90 MB of bf16, above glibc's mmap threshold, so every call page-faults fresh
-    memory: ~25 ms of a ~80 ms matmul, and 90 MB more peak memory. Tiles of a few MB are
-    reused from the heap. Each output column is the same bf16 GEMM as bitsandbytes', so the
+    memory (forward 84 ms vs 64 ms tiled at 11008 x 4096, benchmarks/matmul4bit.py), and
+    90 MB more peak memory. Tiles of a few MB are reused from the heap. Each output column is the same bf16 GEMM as bitsandbytes', so the
     result is bitwise `bnb.matmul_4bit`'s.
     """
     state, (m, k), n = weight.quant_state, x2.shape, weight.quant_state.shape[0]

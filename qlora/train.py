@@ -31,7 +31,7 @@ from .lora import LoraSettings, add_lora, trainable_report
 from .loss import lm_loss_sum
 from .metrics import MetricsLog, peak_memory_gb, plot_loss
 from .model import (DTYPES, decoder_layers, enable_gradient_checkpointing, load_model,
-                    load_tokenizer, matmul_output_bytes, release_freed_memory)
+                    load_tokenizer, matmul_layers_within, release_freed_memory)
 from .optim import build_optimizer, build_scheduler
 
 
@@ -87,9 +87,9 @@ def setup(recipe: Recipe, resume: bool = False) -> Run:
     add_lora(model, LoraSettings(r=r.lora.r, alpha=r.lora.alpha, dropout=r.lora.dropout,
                                  targets=r.lora.targets, rslora=r.lora.rslora,
                                  dtype=DTYPES[r.lora.dtype]))
+    keep = 0
     if t.gradient_checkpointing:
-        per_layer = matmul_output_bytes(model, t.batch_size * r.data.max_seq_len)
-        keep = min(len(decoder_layers(model)), int(t.keep_matmuls_gb * 1e9 // per_layer)) if per_layer else 0
+        keep = matmul_layers_within(model, t.keep_matmuls_gb, t.batch_size * r.data.max_seq_len)
         enable_gradient_checkpointing(model, keep_matmul_layers=keep)
     torch.manual_seed(t.seed + acc.process_index)  # dropout differs per process, as in DDP
 
@@ -113,9 +113,9 @@ def setup(recipe: Recipe, resume: bool = False) -> Run:
                    f"({stats.dropped_no_target} dropped with no target, {stats.truncated} truncated); "
                    f"trainable {counts['trainable']:,} of {counts['total']:,} parameters "
                    f"({100 * counts['trainable'] / counts['total']:.2f}%); {total} steps")
-        if getattr(model, "qlora_kept_matmul_layers", 0):
+        if keep:
             tqdm.write(f"qlora: checkpointing keeps the 4-bit matmul outputs of "
-                       f"{model.qlora_kept_matmul_layers} of {len(decoder_layers(model))} layers")
+                       f"{keep} of {len(decoder_layers(model))} layers")
     return run
 
 
