@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import logging
 
 import torch
@@ -22,6 +23,14 @@ import bitsandbytes as bnb  # noqa: E402
 from bitsandbytes.functional import QuantState  # noqa: E402
 from bitsandbytes.nn import Linear4bit, Params4bit  # noqa: E402
 
+from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary  # noqa: E402
+
+try:  # the native CPU kernels' module; bitsandbytes may move it
+    from bitsandbytes.backends.cpu import ops as _bnb_cpu_ops  # noqa: E402
+except ImportError:
+    _bnb_cpu_ops = None
+_CTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
 BLOCKSIZE = 64  # QLoRA's NF4 block size: one absmax per 64 weights
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -35,8 +44,8 @@ TILE_ROWS = 512
 def absmax_f32(state: QuantState) -> torch.Tensor:
     """One fp32 scale per block; with double quantization the scales are themselves 8-bit."""
     if state.nested:
-        return bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    return state.absmax
+        return (bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    return state.absmax.float()
 
 
 def _row_tiles(n: int, k: int, blocksize: int):
@@ -46,18 +55,47 @@ def _row_tiles(n: int, k: int, blocksize: int):
     slower (7B down_proj input gradient: 85.6 ms with 128 rows, 74.1 ms with 512;
     `benchmarks/matmul4bit.py --tile-rows N`).
     """
-    rows = -(-TILE_ROWS // blocksize) * blocksize
+    rows = _tile_height(blocksize)
     for a in range(0, n, rows):
         yield a, min(n, a + rows)
 
 
-def _weight_rows(packed, absmax, state: QuantState, k: int, dtype, a: int, b: int) -> torch.Tensor:
-    """Rows a..b of the dequantized (n, k) weight. `a` is a multiple of the block size, so
-    its 4-bit codes and scales are contiguous slices of the packed weight and of absmax."""
+def _tile_height(blocksize: int) -> int:
+    return -(-TILE_ROWS // blocksize) * blocksize
+
+
+def _weight_rows(packed, absmax, state: QuantState, k: int, dtype, a: int, b: int,
+                 buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows a..b of the dequantized (n, k) weight, written into `buf` (>= b-a rows) when the
+    CPU kernel allows it. `a` is a multiple of the block size, so its 4-bit codes and scales
+    are contiguous slices of the packed weight and of absmax."""
     bs = state.blocksize
-    tile = QuantState(absmax=absmax[a * k // bs: -(-b * k // bs)], shape=torch.Size((b - a, k)),
+    codes, scales = packed[a * k // 2: -(-b * k // 2)], absmax[a * k // bs: -(-b * k // bs)]
+    kernel = _cpu_dequantize_kernel(state.quant_type, dtype, k, bs)
+    if buf is not None and kernel is not None:
+        out = buf[: b - a]  # (b-a, k), contiguous
+        kernel(_ptr(codes), _ptr(scales), _ptr(out), ctypes.c_longlong(bs),
+               ctypes.c_longlong(b - a), ctypes.c_longlong(k))
+        return out
+    tile = QuantState(absmax=scales, shape=torch.Size((b - a, k)),
                       code=state.code, blocksize=bs, quant_type=state.quant_type, dtype=dtype)
-    return bnb.functional.dequantize_4bit(packed[a * k // 2: -(-b * k // 2)], tile)  # (b-a, k)
+    return bnb.functional.dequantize_4bit(codes, tile)  # (b-a, k)
+
+
+def _cpu_dequantize_kernel(quant_type: str, dtype: torch.dtype, k: int, blocksize: int):
+    """bitsandbytes' native CPU dequantize kernel (the one its CPU `dequantize_4bit` op
+    calls), so that tiles can be written into one reused buffer; None where that op would
+    not call it either (odd widths, huge blocks, no native library), and we use the op."""
+    lib = getattr(_bnb_cpu_ops, "lib", None)
+    name = f"cdequantize_blockwise_cpu_{quant_type}_{_CTYPE_NAMES.get(dtype)}"
+    if (lib is None or isinstance(lib, ErrorHandlerMockBNBNativeLibrary) or k % 2
+            or blocksize >= 2048 or not hasattr(lib, name)):
+        return None
+    return getattr(lib, name)
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
 
 
 def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None) -> torch.Tensor:
@@ -66,14 +104,16 @@ def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None
     Why tiles: bitsandbytes' CPU path dequantizes the whole weight per call. At 7B an MLP
     weight is 90 MB of bf16, above glibc's mmap threshold, so every call page-faults fresh
     memory (forward 84 ms vs 64 ms tiled at 11008 x 4096, benchmarks/matmul4bit.py), and
-    90 MB more peak memory. Tiles of a few MB are reused from the heap. Each output column is the same bf16 GEMM as bitsandbytes', so the
-    result is bitwise `bnb.matmul_4bit`'s.
+    90 MB more peak memory. Every tile is written into one buffer of a few MB, so a call
+    allocates it once, not once per tile. Each output column is the same bf16 GEMM as
+    bitsandbytes', so the result is bitwise `bnb.matmul_4bit`'s.
     """
     state, (m, k), n = weight.quant_state, x2.shape, weight.quant_state.shape[0]
     packed, absmax = weight.data.view(-1), absmax_f32(state)
     y = x2.new_empty(m, n)  # (M, n)
+    buf = x2.new_empty(min(n, _tile_height(state.blocksize)), k)  # one tile buffer per call, not per tile
     for a, b in _row_tiles(n, k, state.blocksize):
-        w = _weight_rows(packed, absmax, state, k, x2.dtype, a, b)  # (b-a, k)
+        w = _weight_rows(packed, absmax, state, k, x2.dtype, a, b, buf)  # (b-a, k)
         if bias is None:
             torch.mm(x2, w.t(), out=y[:, a:b])
         else:  # fused like F.linear, so the bias is rounded in once, as bitsandbytes does
@@ -85,9 +125,9 @@ def _cpu_input_grad(g2: torch.Tensor, weight: Params4bit, k: int) -> torch.Tenso
     """`g2 @ W` (M, k), accumulated over the same row tiles."""
     state, n = weight.quant_state, weight.quant_state.shape[0]
     packed, absmax = weight.data.view(-1), absmax_f32(state)
-    gx = None
+    gx, buf = None, g2.new_empty(min(n, _tile_height(state.blocksize)), k)
     for a, b in _row_tiles(n, k, state.blocksize):
-        w = _weight_rows(packed, absmax, state, k, g2.dtype, a, b)
+        w = _weight_rows(packed, absmax, state, k, g2.dtype, a, b, buf)
         gx = g2[:, a:b] @ w if gx is None else gx.addmm_(g2[:, a:b], w)
     return gx
 
