@@ -98,7 +98,8 @@ def _imports():
 def setup_ours(path, rank, keep_gb=0.0, tokens=0):
     import torch
     from qlora.lora import LoraSettings, add_lora
-    from qlora.model import enable_gradient_checkpointing, load_model, matmul_layers_within
+    from qlora.memory import release_memory_per_layer
+    from qlora.model import decoder_layers, enable_gradient_checkpointing, load_model, matmul_layers_within
     from qlora.optim import build_optimizer
 
     t0 = time.perf_counter()
@@ -110,21 +111,22 @@ def setup_ours(path, rank, keep_gb=0.0, tokens=0):
                                  dtype=torch.bfloat16))
     # the same rule as `train.keep_matmuls_gb` in a recipe
     enable_gradient_checkpointing(model, keep_matmul_layers=matmul_layers_within(model, keep_gb, tokens))
+    release_memory_per_layer(decoder_layers(model))  # as qlora.train.setup does on CPU
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, "paged_adamw_8bit", LR, 0.0)
 
     from qlora.loss import lm_loss_sum
-    from qlora.model import release_freed_memory
+    from qlora.memory import release_if_grown
 
     def step(x):  # what qlora.train.train_step does on CPU, minus data and bookkeeping
         s, n = lm_loss_sum(model, {"input_ids": x, "labels": x})
         loss = s / n
-        release_freed_memory()
+        release_if_grown()
         loss.backward()
         opt.step()
         opt.zero_grad()
-        release_freed_memory()
+        release_if_grown()
         return loss.item()
 
     return model, params, step, load_s, load_peak

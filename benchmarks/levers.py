@@ -9,7 +9,10 @@ configuration. Each configuration switches one lever back to what qlora did befo
 
   tiled 4-bit matmul   -> bitsandbytes' whole-weight dequantize + GEMM per call
   16-bit dropout mask  -> a Bernoulli draw per element (what F.dropout does)
-  release freed memory -> no malloc_trim in the step
+  release freed memory -> no malloc_trim in training steps at all
+  release per layer    -> RSS checked (and the heap trimmed once it grew by
+                          memory.LAYER_TRIM_BUDGET) only after the forward pass and after the
+                          optimizer step, not also before each layer's forward and backward
   keep matmul outputs  -> (off by default) train.keep_matmuls_gb large enough for every layer
 
 "peak GB" is VmHWM after the configuration's steps, reset to the current RSS before them, so
@@ -39,6 +42,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="passes over all configurations")
+    ap.add_argument("--configs", default="all",
+                    help="comma list of rows to run: default, tiled, mask, release, layer-release, "
+                         "none, keep (the 'without ...' rows are named by their lever)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -46,7 +52,7 @@ def main() -> None:
     import torch
 
     import _shapes
-    from qlora import lora, model as qmodel, quant
+    from qlora import lora, memory, model as qmodel, quant
     from qlora.lora import LoraSettings, add_lora
     from qlora.loss import lm_loss_sum
     from qlora.optim import build_optimizer
@@ -61,7 +67,7 @@ def main() -> None:
 
     current = {
         "cpu_forward": quant._cpu_forward, "cpu_input_grad": quant._cpu_input_grad,
-        "drop": lora.drop_unscaled, "release": qmodel.release_freed_memory}
+        "drop": lora.drop_unscaled, "release": memory.release_freed_memory}
     before = {
         # what bnb.matmul_4bit does on CPU: the whole weight dequantized per call
         "cpu_forward": lambda x2, w, bias: bnb.matmul_4bit(x2, w.t(), bias=bias, quant_state=w.quant_state),
@@ -69,38 +75,49 @@ def main() -> None:
         # a Bernoulli draw per element and per adapter, as F.dropout
         "drop": lambda x, p: x * torch.empty_like(x).bernoulli_(1 - p),
         "release": lambda: None}
+    hooks: list = []
+
     def apply(off: set[str], keep: bool) -> None:
         quant._cpu_forward = before["cpu_forward"] if "tiled" in off else current["cpu_forward"]
         quant._cpu_input_grad = before["cpu_input_grad"] if "tiled" in off else current["cpu_input_grad"]
         lora.drop_unscaled = before["drop"] if "mask" in off else current["drop"]
-        qmodel.release_freed_memory = before["release"] if "release" in off else current["release"]
+        memory.release_freed_memory = before["release"] if "release" in off else current["release"]
         qmodel.enable_gradient_checkpointing(model, keep_matmul_layers=len(layers) if keep else 0)
+        for h in hooks:
+            h.remove()
+        hooks[:] = [] if "layer-release" in off else memory.release_memory_per_layer(layers)
         model.train()
 
     def step(x) -> float:
         s, n = lm_loss_sum(model, {"input_ids": x, "labels": x})
-        qmodel.release_freed_memory()
+        memory.release_if_grown()
         (s / n).backward()
         opt.step()
         opt.zero_grad()
-        qmodel.release_freed_memory()
+        memory.release_if_grown()
         return (s / n).item()
 
-    configs = [  # (name, levers off, keep matmul outputs)
-        ("qlora default (all levers)", set(), False),
-        ("  without tiled 4-bit matmul", {"tiled"}, False),
-        ("  without 16-bit dropout mask", {"mask"}, False),
-        ("  without release of freed memory", {"release"}, False),
-        ("none of the levers", {"tiled", "mask", "release"}, False),
-        ("default + keep matmul outputs (all layers)", set(), True),
-    ]
+    all_configs = {  # key: (name, levers off, keep matmul outputs)
+        "default": ("qlora default (all levers)", set(), False),
+        "tiled": ("  without tiled 4-bit matmul", {"tiled"}, False),
+        "mask": ("  without 16-bit dropout mask", {"mask"}, False),
+        "release": ("  without release of freed memory", {"release", "layer-release"}, False),
+        "layer-release": ("  without release per layer", {"layer-release"}, False),
+        "none": ("none of the levers", {"tiled", "mask", "release", "layer-release"}, False),
+        "keep": ("default + keep matmul outputs (all layers)", set(), True),
+    }
+    keys = list(all_configs) if args.configs == "all" else args.configs.split(",")
+    for k in keys:
+        if k not in all_configs:
+            raise SystemExit(f"--configs: unknown row {k!r} (choose from {', '.join(all_configs)})")
+    configs = [all_configs[k] for k in keys]
     g = torch.Generator().manual_seed(1234)
     times: dict[str, list[float]] = {name: [] for name, *_ in configs}
     peaks: dict[str, float] = {}
     for rnd in range(args.rounds):  # round-robin, so that drifts in machine speed hit every row
         for name, off, keep in configs:
             apply(off, keep)
-            qmodel.release_freed_memory()
+            current["release"]()  # the same start for every row
             reset_hwm()
             for i in range(args.warmup + args.steps):
                 x = torch.randint(0, vocab, (1, args.seq), generator=g)

@@ -8,7 +8,6 @@ Peak memory is the 4-bit model plus one full-precision tensor.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import warnings
@@ -23,6 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from . import quant
 from .errors import QloraError
+from .memory import release_freed_memory
 from .safetensors_io import checkpoint_files, iter_tensors
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -168,29 +168,6 @@ def _stream_safetensors(model, files, quantized, dtype, device) -> None:
         if i % 16 == 15:
             release_freed_memory()
     release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """Hand memory that is free inside the C heap back to the OS (glibc only; else a no-op).
-
-    Quantizing leaves the kept 4-bit weights scattered between freed 16-bit temporaries, and
-    a forward pass leaves activations' holes, which glibc returns only on request. Twice per
-    1.3B training step it lowers the peak by 0.16 GB for ~5% of the step time, the cost of
-    faulting the returned pages back in (benchmarks/levers.py).
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl)
-        return None
-
-
-_LIBC = _glibc()
 
 
 def _place(model, name, tensor, quantized, dtype, device) -> None:

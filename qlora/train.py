@@ -31,7 +31,8 @@ from .lora import LoraSettings, add_lora, trainable_report
 from .loss import lm_loss_sum
 from .metrics import MetricsLog, peak_memory_gb, plot_loss
 from .model import (DTYPES, decoder_layers, enable_gradient_checkpointing, load_model,
-                    load_tokenizer, matmul_layers_within, release_freed_memory)
+                    load_tokenizer, matmul_layers_within)
+from .memory import release_if_grown, release_memory_per_layer
 from .optim import build_optimizer, build_scheduler
 
 
@@ -91,6 +92,8 @@ def setup(recipe: Recipe, resume: bool = False) -> Run:
     if t.gradient_checkpointing:
         keep = matmul_layers_within(model, t.keep_matmuls_gb, t.batch_size * r.data.max_seq_len)
         enable_gradient_checkpointing(model, keep_matmul_layers=keep)
+    if acc.device.type == "cpu":
+        release_memory_per_layer(decoder_layers(model))
     torch.manual_seed(t.seed + acc.process_index)  # dropout differs per process, as in DDP
 
     step_examples = t.batch_size * t.grad_accum * acc.num_processes
@@ -225,8 +228,8 @@ def train_step(run: Run) -> tuple[float, int, float]:
     on_cpu = run.acc.device.type == "cpu"
     for b in batches:
         s, _ = lm_loss_sum(run.model, b)
-        if on_cpu:  # the forward's freed temporaries, before backward needs memory (~30 ms)
-            release_freed_memory()
+        if on_cpu:  # the forward's freed temporaries, before backward needs memory
+            release_if_grown()
         (s / max(total_tokens, 1)).backward()
         loss_sum += s.detach().double().cpu()
     for p in run.params:  # every process joins the all-reduce, even with no example this step
@@ -241,7 +244,7 @@ def train_step(run: Run) -> tuple[float, int, float]:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if on_cpu:
-        release_freed_memory()
+        release_if_grown()
     return loss, int(total_tokens), grad_norm
 
 

@@ -293,6 +293,59 @@ def test_gradient_checkpointing_trains_every_b_and_freezes_base(stories):
             assert torch.equal(m.weight.quant_state.absmax, frozen_qs[n]), n
 
 
+def test_memory_is_released_between_layers_once_it_grew_and_only_in_training(stories, monkeypatch):
+    """Before every layer's forward and its recompute in backward, memory is released once
+    RSS grew past the budget; never under no_grad (generation); gradients are unchanged."""
+    from qlora import memory
+    from qlora.model import decoder_layers
+    if memory._LIBC is None:
+        pytest.skip("not glibc: nothing to release")
+    calls = {"n": 0}
+    monkeypatch.setattr(memory._LIBC, "malloc_trim", lambda pad: calls.__setitem__("n", calls["n"] + 1))
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for budget in (None, -1, 2**40):  # unhooked; release at every check; never grown enough
+        model = load_model(stories)
+        add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.1))
+        randomize_lora(model)
+        enable_gradient_checkpointing(model)
+        if budget is not None:
+            monkeypatch.setattr(memory, "LAYER_TRIM_BUDGET", budget)
+            handles = memory.release_memory_per_layer(decoder_layers(model))
+        model.train()
+        torch.manual_seed(3)
+        calls["n"] = 0
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        if budget == -1:
+            n_layers = len(decoder_layers(model))
+            assert len(handles) == 2 * n_layers and calls["n"] == 2 * n_layers  # forward + recompute
+            calls["n"] = 0
+            with torch.no_grad():
+                model(ids)
+            assert calls["n"] == 0
+        else:
+            assert calls["n"] == 0
+    assert all(torch.equal(grads[0][n], grads[i][n]) for i in (1, 2) for n in grads[0])
+
+
+def test_release_if_grown_trims_only_past_the_budget(monkeypatch):
+    from qlora import memory
+    if memory._LIBC is None:
+        pytest.skip("not glibc: nothing to release")
+    assert 10e6 < memory.rss_bytes() < 1e13  # this process, read from /proc
+    rss = {"now": 1000}
+    monkeypatch.setattr(memory, "rss_bytes", lambda: rss["now"])
+    monkeypatch.setattr(memory._LIBC, "malloc_trim", lambda pad: rss.__setitem__("now", rss["now"] - 300))
+    memory.release_freed_memory()  # the level after a release is the reference: 700
+    assert not memory.release_if_grown(budget=500)
+    rss["now"] = 1200  # exactly the budget past 700: not yet
+    assert not memory.release_if_grown(budget=500)
+    rss["now"] = 1201
+    assert memory.release_if_grown(budget=500) and rss["now"] == 901
+    assert not memory.release_if_grown(budget=500)  # measured again from 901
+
+
 def test_bad_inputs_name_the_culprit(tmp_path, tiny_model):
     (tmp_path / "empty").mkdir()
     with pytest.raises(QloraError, match="empty: not a model folder"):
