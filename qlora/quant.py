@@ -51,9 +51,8 @@ def absmax_f32(state: QuantState) -> torch.Tensor:
 def _row_tiles(n: int, k: int, blocksize: int):
     """Row ranges [a, b) of an (n, k) weight, starting on a block edge.
 
-    512 rows: the backward GEMM's inner dimension is the tile height, and short tiles run it
-    slower (7B down_proj input gradient: 85.6 ms with 128 rows, 74.1 ms with 512;
-    `benchmarks/matmul4bit.py --tile-rows N`).
+    512 rows (and 512 columns for the input gradient's tiles): 4-11 MB of bf16 per tile at
+    7B widths, wide enough for full-speed GEMMs (`benchmarks/matmul4bit.py --tile-rows N`).
     """
     rows = _tile_height(blocksize)
     for a in range(0, n, rows):
@@ -122,9 +121,42 @@ def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None
 
 
 def _cpu_input_grad(g2: torch.Tensor, weight: Params4bit, k: int) -> torch.Tensor:
-    """`g2 @ W` (M, k), accumulated over the same row tiles."""
+    """`g2 @ W` (M, k), one column tile of W at a time.
+
+    Each column tile is a full-depth GEMM over all n rows of W, so every output element is
+    rounded to bf16 once, as in `g2 @ dequantize(W)`, and the GEMM has a deep inner
+    dimension (~680 vs ~580 GFLOP/s for 512-deep row tiles on this CPU). The tile's 4-bit
+    codes and scales are strided in W's layout and are first gathered into small buffers.
+    Widths that do not split into whole blocks per row take the row tiles instead.
+    """
     state, n = weight.quant_state, weight.quant_state.shape[0]
-    packed, absmax = weight.data.view(-1), absmax_f32(state)
+    bs, absmax = state.blocksize, absmax_f32(state)
+    kernel = _cpu_dequantize_kernel(state.quant_type, g2.dtype, k, bs)
+    if kernel is None or k % bs:
+        return _cpu_input_grad_rows(g2, weight, k, absmax)
+    codes, scales = weight.data.view(n, k // 2), absmax.view(n, k // bs)  # row-major, per row
+    cols = min(k, _tile_height(bs))
+    gx = g2.new_empty(g2.shape[0], k)  # (M, k)
+    w_buf = g2.new_empty(n * cols)
+    codes_buf = codes.new_empty(n * cols // 2)
+    scales_buf = scales.new_empty(n * cols // bs)
+    for c in range(0, k, cols):
+        d = min(k, c + cols)
+        tile_codes = codes_buf[: n * (d - c) // 2].view(n, (d - c) // 2)
+        tile_codes.copy_(codes[:, c // 2: d // 2])
+        tile_scales = scales_buf[: n * (d - c) // bs].view(n, (d - c) // bs)
+        tile_scales.copy_(scales[:, c // bs: d // bs])
+        w = w_buf[: n * (d - c)].view(n, d - c)  # W[:, c:d]
+        kernel(_ptr(tile_codes), _ptr(tile_scales), _ptr(w), ctypes.c_longlong(bs),
+               ctypes.c_longlong(n), ctypes.c_longlong(d - c))
+        torch.mm(g2, w, out=gx[:, c:d])
+    return gx
+
+
+def _cpu_input_grad_rows(g2: torch.Tensor, weight: Params4bit, k: int, absmax) -> torch.Tensor:
+    """`g2 @ W` accumulated over W's row tiles (partial sums rounded to bf16 per tile)."""
+    state, n = weight.quant_state, weight.quant_state.shape[0]
+    packed = weight.data.view(-1)
     gx, buf = None, g2.new_empty(min(n, _tile_height(state.blocksize)), k)
     for a, b in _row_tiles(n, k, state.blocksize):
         w = _weight_rows(packed, absmax, state, k, g2.dtype, a, b, buf)

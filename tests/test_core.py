@@ -89,9 +89,10 @@ def test_tiled_quantization_equals_bitsandbytes(quant_type, double_quant):
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
 @pytest.mark.parametrize("in_features", [172, 256, 171])
 def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_quant, in_features):
-    """Our CPU 4-bit matmul dequantizes row tiles (into one buffer through bitsandbytes'
-    native kernel; odd widths through its op); forward must be bitwise bitsandbytes',
-    backward the plain `grad @ W` up to bf16 rounding of the tile sums."""
+    """Our CPU 4-bit matmul dequantizes tiles (into one buffer through bitsandbytes' native
+    kernel; odd widths through its op); forward must be bitwise bitsandbytes', backward
+    bitwise `grad @ W` with column tiles, and up to bf16 rounding of the partial sums with
+    the row tiles that widths of partial blocks per row take."""
     import bitsandbytes as bnb
     native = quant._cpu_dequantize_kernel(quant_type, torch.bfloat16, in_features, 64)
     assert (native is None) == (in_features % 2 == 1)  # this bitsandbytes build has it
@@ -111,6 +112,8 @@ def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_q
     y.backward(grad)
     expected = (grad.float() @ quant.dequantize(layer).float())  # (2, 7, in)
     assert (x.grad.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+    if in_features % 64 == 0:  # whole blocks per row: column tiles, bitwise bitsandbytes' backward
+        assert torch.equal(x.grad, grad @ quant.dequantize(layer))
 
 
 def test_lora_forward_equals_plain_math(stories):
