@@ -47,9 +47,10 @@ def release_freed_memory() -> None:
     """Hand memory that is free inside the C heap back to the OS.
 
     Quantizing leaves the kept 4-bit weights scattered between freed 16-bit temporaries, and
-    a forward pass leaves activations' holes, which glibc returns only on request. Twice per
-    1.3B training step it lowers the peak by 0.16 GB for ~5% of the step time, the cost of
-    faulting the returned pages back in (benchmarks/levers.py).
+    a forward pass leaves activations' holes, which glibc returns only on request. In
+    training (through `release_if_grown`) it lowers the 1.3B peak from 2.06 to 1.78 GB for
+    ~5-7% of the step time, the cost of faulting the returned pages back in
+    (benchmarks/levers.py, benchmarks/README.md "Levers of this round").
     """
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
