@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import logging
 
 import torch
@@ -72,15 +73,13 @@ def _weight_rows(packed, absmax, state: QuantState, k: int, dtype, a: int, b: in
     codes, scales = packed[a * k // 2: -(-b * k // 2)], absmax[a * k // bs: -(-b * k // bs)]
     kernel = _cpu_dequantize_kernel(state.quant_type, dtype, k, bs)
     if buf is not None and kernel is not None:
-        out = buf[: b - a]  # (b-a, k), contiguous
-        kernel(_ptr(codes), _ptr(scales), _ptr(out), ctypes.c_longlong(bs),
-               ctypes.c_longlong(b - a), ctypes.c_longlong(k))
-        return out
+        return _dequantize_into(kernel, codes, scales, buf[: b - a], bs)  # (b-a, k)
     tile = QuantState(absmax=scales, shape=torch.Size((b - a, k)),
                       code=state.code, blocksize=bs, quant_type=state.quant_type, dtype=dtype)
     return bnb.functional.dequantize_4bit(codes, tile)  # (b-a, k)
 
 
+@functools.lru_cache(maxsize=None)  # looked up once per tile otherwise
 def _cpu_dequantize_kernel(quant_type: str, dtype: torch.dtype, k: int, blocksize: int):
     """bitsandbytes' native CPU dequantize kernel (the one its CPU `dequantize_4bit` op
     calls), so that tiles can be written into one reused buffer; None where that op would
@@ -93,8 +92,13 @@ def _cpu_dequantize_kernel(quant_type: str, dtype: torch.dtype, k: int, blocksiz
     return getattr(lib, name)
 
 
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+def _dequantize_into(kernel, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
+                     blocksize: int) -> torch.Tensor:
+    """Run the native kernel: contiguous 4-bit `codes` and fp32 `scales` -> contiguous (rows, k) `out`."""
+    rows, k = out.shape
+    kernel(*(ctypes.c_void_p(t.data_ptr()) for t in (codes, scales, out)),
+           ctypes.c_longlong(blocksize), ctypes.c_longlong(rows), ctypes.c_longlong(k))
+    return out
 
 
 def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None) -> torch.Tensor:
@@ -124,8 +128,8 @@ def _cpu_input_grad(g2: torch.Tensor, weight: Params4bit, k: int) -> torch.Tenso
     """`g2 @ W` (M, k), one column tile of W at a time.
 
     Each column tile is a full-depth GEMM over all n rows of W, so every output element is
-    rounded to bf16 once, as in `g2 @ dequantize(W)`, and the GEMM has a deep inner
-    dimension (~680 vs ~580 GFLOP/s for 512-deep row tiles on this CPU). The tile's 4-bit
+    rounded to bf16 once, as in `g2 @ dequantize(W)` (the row tiles' bf16 partial sums had
+    2.5-7x its error, benchmarks/matmul4bit.py). The tile's 4-bit
     codes and scales are strided in W's layout and are first gathered into small buffers.
     Widths that do not split into whole blocks per row take the row tiles instead.
     """
@@ -146,10 +150,8 @@ def _cpu_input_grad(g2: torch.Tensor, weight: Params4bit, k: int) -> torch.Tenso
         tile_codes.copy_(codes[:, c // 2: d // 2])
         tile_scales = scales_buf[: n * (d - c) // bs].view(n, (d - c) // bs)
         tile_scales.copy_(scales[:, c // bs: d // bs])
-        w = w_buf[: n * (d - c)].view(n, d - c)  # W[:, c:d]
-        kernel(_ptr(tile_codes), _ptr(tile_scales), _ptr(w), ctypes.c_longlong(bs),
-               ctypes.c_longlong(n), ctypes.c_longlong(d - c))
-        torch.mm(g2, w, out=gx[:, c:d])
+        w = _dequantize_into(kernel, tile_codes, tile_scales, w_buf[: n * (d - c)].view(n, d - c), bs)
+        torch.mm(g2, w, out=gx[:, c:d])  # w = W[:, c:d]
     return gx
 
 
