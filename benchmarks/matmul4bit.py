@@ -6,7 +6,7 @@ For the Llama-2-7B and 1.3B weight shapes: best-of-6 milliseconds of `bnb.matmul
 forward (whole weight dequantized per call, then one GEMM) and of its backward (`grad @
 dequantize(W)`), next to `qlora.quant`'s tiled forward (512 weight rows at a time) and input
 gradient (512 weight columns at a time). It also checks that forwards and input gradients are
-bitwise equal.
+bitwise equal, and compares the input gradient's error against fp32 math with the row tiles'.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def main() -> None:
     if args.tile_rows:
         quant.TILE_ROWS = args.tile_rows
 
-    print("| weight (out x in) | bnb fwd ms | tiled fwd ms | bnb input-grad ms | tiled input-grad ms | fwd bitwise equal | input-grad bitwise equal |")
-    print("|---|---|---|---|---|---|---|")
+    print("| weight (out x in) | bnb fwd ms | tiled fwd ms | bnb input-grad ms | tiled input-grad ms | fwd bitwise equal | input-grad bitwise equal "
+          "| input-grad max error, row tiles / column tiles |")
+    print("|---|---|---|---|---|---|---|---|")
     for out_f, in_f in [(11008, 4096), (4096, 11008), (4096, 4096), (5504, 2048), (2048, 5504)]:
         g = torch.Generator().manual_seed(0)
         layer = quant.empty_quant_linear(torch.nn.Linear(in_f, out_f, bias=False), "nf4", True, torch.bfloat16)
@@ -57,12 +58,17 @@ def main() -> None:
             ours = quant._cpu_forward(x, w, None)
             ref_grad = grad @ bnb.functional.dequantize_4bit(w.data, qs).to(grad.dtype)
             our_grad = quant._cpu_input_grad(grad, w, in_f)
+            # the row tiles' bf16 partial sums (the fallback, and what came before column tiles)
+            row_grad = quant._cpu_input_grad_rows(grad, w, in_f, quant.absmax_f32(qs))
+            exact = grad.float() @ bnb.functional.dequantize_4bit(w.data, qs).float()
+            errors = [(g.float() - exact).abs().max().item() for g in (row_grad, our_grad)]
             row = [best_ms(lambda: bnb.matmul_4bit(x, w.t(), quant_state=qs)),
                    best_ms(lambda: quant._cpu_forward(x, w, None)),
                    best_ms(lambda: grad @ bnb.functional.dequantize_4bit(w.data, qs).to(grad.dtype)),
                    best_ms(lambda: quant._cpu_input_grad(grad, w, in_f))]
         print(f"| {out_f} x {in_f} | " + " | ".join(f"{v:.1f}" for v in row)
-              + f" | {torch.equal(ref, ours)} | {torch.equal(ref_grad, our_grad)} |", flush=True)
+              + f" | {torch.equal(ref, ours)} | {torch.equal(ref_grad, our_grad)} "
+              f"| {errors[0]:.3f} / {errors[1]:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
