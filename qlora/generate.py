@@ -32,15 +32,21 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
     ids = encode_prompt(tokenizer, prompt, chat).to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
     sample = temperature > 0
     eos = [t for t in {tokenizer.eos_token_id, *_end_of_turn_ids(tokenizer)} if t is not None]
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-        do_sample=sample, temperature=temperature if sample else None,
-        top_p=top_p if sample else None, top_k=None, use_cache=True,
-        eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None)
+    # transformers samples from the global generators. Fork them so that sampling here never
+    # shifts the training run's dropout stream (samples are generated at every evaluation);
+    # greedy decoding draws nothing and needs no fork.
+    cuda = [ids.device.index or 0] if ids.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, enabled=sample):
+        if sample:
+            torch.manual_seed(seed)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            do_sample=sample, temperature=temperature if sample else None,
+            top_p=top_p if sample else None, top_k=None, use_cache=True,
+            eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None)
     model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 

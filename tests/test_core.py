@@ -112,8 +112,17 @@ def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_q
     y.backward(grad)
     expected = (grad.float() @ quant.dequantize(layer).float())  # (2, 7, in)
     assert (x.grad.float() - expected).abs().max() <= 0.02 * expected.abs().max()
-    if in_features % 64 == 0:  # whole blocks per row: column tiles, bitwise bitsandbytes' backward
-        assert torch.equal(x.grad, grad @ quant.dequantize(layer))
+    if in_features % 64 == 0:
+        # Whole blocks per row: column tiles, each a full-depth GEMM, as accurate as
+        # bitsandbytes' one `grad @ dequantize(W)` (row tiles' bf16 partial sums are 2.5-7x
+        # worse). Not bitwise: oneDNN's AMX kernels round differently by GEMM shape, and even
+        # their fp32 GEMM is off by ~1 bf16 ulp, so the exact product is taken in float64.
+        w = quant.dequantize(layer)
+        exact = grad.double() @ w.double()
+        ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)  # of bf16
+        tiles = (x.grad.double() - exact).abs() / ulp
+        whole = ((grad @ w).double() - exact).abs() / ulp
+        assert tiles.max() <= 2 and tiles.mean() <= 1.1 * whole.mean(), (tiles.max(), tiles.mean(), whole.mean())
 
 
 def test_lora_forward_equals_plain_math(stories):

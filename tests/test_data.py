@@ -22,7 +22,8 @@ from qlora.data import (
 )
 from qlora.errors import QloraError
 
-ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"
+from conftest import ASSETS
+
 DATA = ASSETS / "data"
 TOKENIZERS = {
     "llama3": ASSETS / "tokenizers" / "llama-3.1-instruct",

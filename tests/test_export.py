@@ -335,3 +335,15 @@ def test_bad_sources_and_options(stories_adapter, tmp_path):
     assert (parse_size("5GB"), parse_size("200MB"), parse_size("10KB"), parse_size("1GiB")) == \
         (5 * 10**9, 200 * 10**6, 10**4, 2**30)
     assert math.isclose(parse_size(1234), 1234)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_generate_leaves_the_global_rng_alone(stories, temperature):
+    """Sample generations run at every evaluation; reseeding the global generator there
+    would replay the same dropout noise after each one. Sampling is still reproducible."""
+    model, tok = load_model(stories, device="cpu"), load_tokenizer(stories)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = generate(model, tok, PROMPTS[0], max_new_tokens=8, temperature=temperature, seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert generate(model, tok, PROMPTS[0], max_new_tokens=8, temperature=temperature, seed=5) == first

@@ -172,11 +172,13 @@ def test_two_processes_match_one_with_double_batch(stories, alpaca_slice, tmp_pa
         "checkpoint-000004"]
     assert len([l for l in (two / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]) == 4
     a, b = adapter(one), adapter(two)
-    # Same examples and token weighting: step 1 (B = 0) is the same loss to the last digit;
-    # afterwards bf16 rounding differs with the padding shapes, and Adam's normalisation
-    # amplifies it on near-zero gradients, so compare whole factors, not single elements.
+    # Same examples and token weighting: step 1 (B = 0) is the same loss up to bf16 GEMM
+    # rounding, which differs by batch shape on AMX CPUs (1e-7 seen; a wrong token weighting
+    # moves it by percents); afterwards bf16 rounding differs with the padding shapes, and
+    # Adam's normalisation amplifies it on near-zero gradients, so compare whole factors.
     la, lb = losses(one), losses(two)
-    assert la[0] == lb[0] and all(abs(x[1] - y[1]) < 0.01 * x[1] for x, y in zip(la, lb))
+    assert abs(la[0][1] - lb[0][1]) < 1e-5 * la[0][1]
+    assert all(abs(x[1] - y[1]) < 0.01 * x[1] for x, y in zip(la, lb))
     for factor, tol in (("lora_A", 0.02), ("lora_B", 0.10)):
         keys = [k for k in a if factor in k]
         diff = sum(((a[k].float() - b[k].float()) ** 2).sum() for k in keys) ** 0.5
