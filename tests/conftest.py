@@ -17,6 +17,20 @@ ASSETS = Path(os.environ.get("QLORA_ASSETS")
 STORIES = ASSETS / "models" / "stories260K"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run tests marked slow (minutes each; CI skips them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with `bash dev.sh test --slow` (or pytest --slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def asset(rel: str) -> Path:
     """Path of a real asset, or skip the test with the reason."""
     path = ASSETS / rel
