@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import QloraError, TrainingInterrupted
+from .hub import looks_like_hub_id
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -46,47 +47,60 @@ def _check_paths(recipe) -> None:
     src = recipe.source or "recipe"
     for key, value in (("model.name_or_path", recipe.model.name_or_path), ("data.path", recipe.data.path),
                        ("data.eval_path", recipe.data.eval_path), ("model.tokenizer", recipe.model.tokenizer)):
-        if value and not Path(value).exists() and not _looks_like_hub_name(value):
+        if value and not Path(value).exists() and not looks_like_hub_id(value):
             raise QloraError(f"{src}: {key}: path not found: {value}")
-
-
-def _looks_like_hub_name(value: str) -> bool:
-    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and "." not in value.split("/")[0]
 
 
 def _export(args) -> None:
     from .export import export
     report = export(args.source, args.out, dtype=args.dtype, merge_into=args.merge_into,
                     max_shard_size=args.max_shard_size, force=args.force,
-                    verify=not args.no_verify, base=args.base)
-    diff = report.get("max_logit_diff")
-    print(f"exported {report['tensors_merged']} merged tensors to {report['out']} "
-          f"({report['dtype']}, {report['shards']} shard(s))"
-          + (f"; max |logit diff| vs adapter on the 4-bit base: {diff:.4g}" if diff is not None else ""))
+                    verify=not args.no_verify, base=args.base, device=args.device)
+    line = (f"exported {report['tensors_merged']} merged tensors to {report['out']} "
+            f"({report['dtype']}, {report['shards']} shard(s))")
+    if report.get("verified"):
+        line += (f"; verified layer by layer: logits within {report['relative_error']:.2%} of what "
+                 f"the adapter changes (tolerance {report['tolerance']:.0%})")
+    elif report.get("relative_error") is not None:
+        line += f"; logits differ from the adapter on its 4-bit base by {report['relative_error']:.2%} of its effect (not enforced)"
+    print(line)
+
+
+def _resolved(args):
+    """The model source of `args.model`, loaded on `args.device`; says when a run without
+    its final adapter falls back to its latest checkpoint."""
+    from .generate import load_resolved
+    from .resolve import resolve
+    src = resolve(args.model, base=args.base)
+    if not src.final:
+        print(f"qlora: {src.path} has no final adapter (the run did not finish); using its latest "
+              f"checkpoint {src.adapter}", file=sys.stderr)
+    model, tokenizer = load_resolved(src, args.device)
+    return src, model, tokenizer
 
 
 def _generate(args) -> None:
-    from .generate import generate, load_for_generation
-    model, tokenizer = load_for_generation(args.model, base=args.base)
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    from .generate import generate, prompt_style
+    src, model, tokenizer = _resolved(args)
+    style = "raw" if args.raw else "chat" if args.chat else prompt_style(src.data_format, tokenizer)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, style=style)
     if args.prompt is not None:
-        generate(model, tokenizer, args.prompt, chat=True if args.chat else None, stream=True, **kw)
+        generate(model, tokenizer, args.prompt, stream=True, **kw)
         print()
         return
-    if not args.chat:
-        raise QloraError("generate needs --prompt TEXT or --chat")
-    print("chat: one prompt per line; empty line or Ctrl-D to quit", file=sys.stderr)
+    print(f"one prompt per line ({style} rendering); empty line or Ctrl-D to quit", file=sys.stderr)
     for line in sys.stdin:
         if not line.strip():
             break
-        generate(model, tokenizer, line.strip(), chat=True, stream=True, **kw)
+        generate(model, tokenizer, line.strip(), stream=True, **kw)
         print()
 
 
 def _eval(args) -> None:
-    from .evaluate import evaluate_file
-    r = evaluate_file(args.model, args.data, format=args.format, max_seq_len=args.max_seq_len,
-                      batch_size=args.batch_size, base=args.base)
+    from .evaluate import evaluate_model
+    _, model, tokenizer = _resolved(args)
+    r = evaluate_model(model, tokenizer, args.data, format=args.format, max_seq_len=args.max_seq_len,
+                       batch_size=args.batch_size)
     print(f"{args.data}: loss {r['loss']:.4f}, perplexity {r['ppl']:.3f} over {r['tokens']} tokens "
           f"in {r['examples']} examples")
 
@@ -111,10 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value (repeatable), e.g. --set train.max_steps=100")
     t.set_defaults(func=_train)
 
+    device_help = "cpu, cuda or cuda:N (default: cuda when a GPU is available, else cpu)"
     e = sub.add_parser("export", help="merge an adapter into a full fp16/bf16 Hugging Face checkpoint",
                        description="Dequantize the NF4 base, add (alpha/r)*B*A, write sharded safetensors "
-                                   "that plain transformers loads. Streams tensor by tensor: memory grows with the "
-                                   "largest weight matrix (about 7x it while re-quantizing), not the model.")
+                                   "that plain transformers loads, then verify them against the adapter on its "
+                                   "4-bit base one decoder layer at a time. Streams tensor by tensor and layer by "
+                                   "layer: memory grows with the largest layer, not the model.")
     e.add_argument("source", help="run directory, checkpoint directory or adapter directory")
     e.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
     e.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="output dtype (default fp16)")
@@ -123,28 +139,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "original 16-bit base weights")
     e.add_argument("--max-shard-size", default="5GB", help="largest shard file (default 5GB)")
     e.add_argument("--base", help="base model path when the adapter does not name one")
+    e.add_argument("--device", help=f"where to merge and verify: {device_help}")
     e.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     e.add_argument("--no-verify", action="store_true",
-                   help="skip reloading the export with transformers and comparing logits")
+                   help="skip comparing the export with the adapter on its 4-bit base, layer by layer")
     e.set_defaults(func=_export)
 
-    g = sub.add_parser("generate", help="generate text from a run, adapter or exported model")
-    g.add_argument("model", help="run directory, adapter directory, or model folder")
-    g.add_argument("--prompt", help="prompt text (chat template applied when the tokenizer has one)")
-    g.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, read prompts from stdin")
+    g = sub.add_parser("generate", help="generate text from a run, checkpoint, adapter or model folder",
+                       description="Prompts are rendered as the run's training data was: the Alpaca template "
+                                   "for Alpaca runs, the chat template for chat runs, as-is for text; a model "
+                                   "of unknown training gets the chat template when its tokenizer has one.")
+    g.add_argument("model", help="run, checkpoint, adapter or model folder (a run without its final "
+                                 "adapter uses its latest checkpoint)")
+    g.add_argument("--prompt", help="prompt text; without it, prompts are read from stdin, one per line")
+    style = g.add_mutually_exclusive_group()
+    style.add_argument("--chat", action="store_true", help="render prompts through the chat template")
+    style.add_argument("--raw", action="store_true", help="feed prompts as they are, no template")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--base", help="base model path when the adapter does not name one")
+    g.add_argument("--device", help=device_help)
     g.set_defaults(func=_generate)
 
     v = sub.add_parser("eval", help="loss and perplexity of a model on a data file")
-    v.add_argument("model", help="run directory, adapter directory, or model folder")
+    v.add_argument("model", help="run, checkpoint, adapter or model folder")
     v.add_argument("--data", required=True, help="JSON/JSONL/CSV/Parquet file in any supported format")
     v.add_argument("--format", default="auto", help="data format (default: detect from columns)")
     v.add_argument("--max-seq-len", type=int, default=512)
     v.add_argument("--batch-size", type=int, default=4)
     v.add_argument("--base", help="base model path when the adapter does not name one")
+    v.add_argument("--device", help=device_help)
     v.set_defaults(func=_eval)
 
     d = sub.add_parser("demo", help="the whole pipeline on a built-in tiny model and task (no downloads)",

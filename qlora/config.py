@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Iterable, Literal, Union
 import yaml
 
 from qlora.errors import QloraError
+from qlora.hub import looks_like_hub_id
 
 Quantization = Literal["nf4", "fp4", "none"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
@@ -124,6 +125,12 @@ class LoraConfig(_Section):
     """Rank-stabilized scaling alpha / sqrt(r) instead of alpha / r."""
     dtype: LoraDtype = "bfloat16"
     """Storage dtype of the adapter weights."""
+
+    @property
+    def scaling(self) -> float:
+        """The factor on B @ A: alpha / r, or alpha / sqrt(r) with rslora (rsLoRA keeps the
+        update's scale stable as r grows, Kalajdzievski 2023). The one definition of it."""
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
     def _check_values(self) -> None:
         self._require(self.r >= 1, "r", ">= 1")
@@ -223,7 +230,7 @@ class TrainConfig(_Section):
     nan_policy: NanPolicy = "stop"
     """On a NaN/inf loss or gradient: 'stop' the run, or 'skip' that step and continue."""
     sample_prompts: list[str] = field(default_factory=list)
-    """Prompts generated from at each evaluation to watch the model learn; fed as-is, so write them in the training prompt template."""
+    """Prompts generated from at each evaluation to watch the model learn; each is rendered as the training data's prompts are (the Alpaca template for alpaca data, the chat template for chat formats, as-is for text and prompt_completion), so write only the question."""
     sample_max_new_tokens: int = 64
     """Tokens generated for each of train.sample_prompts."""
     eval_max_batches: int = 0
@@ -639,17 +646,12 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
 
 # --------------------------------------------------------------------------- paths
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".gz", ".zst", ".yaml", ".yml")
-
-
 def _resolve_local(value: str, *, may_be_hub_id: bool) -> str:
     """Absolute form of a local path; a hub id (`owner/name`, no local match) as given."""
     expanded = os.path.expanduser(value)
     if os.path.isabs(expanded):
         return os.path.normpath(expanded)
-    looks_like_hub_id = _HUB_ID.fullmatch(value) is not None and not value.lower().endswith(_FILE_SUFFIXES)
-    if may_be_hub_id and looks_like_hub_id and not os.path.exists(expanded):
+    if may_be_hub_id and looks_like_hub_id(value) and not os.path.exists(expanded):
         return value
     return os.path.abspath(expanded)
 

@@ -10,26 +10,25 @@ saved keys are PEFT's with no renaming table.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .config import LoraConfig
+from .dtypes import dtype_named
 from .model import target_linears
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False, dtype: torch.dtype = torch.bfloat16):
+    """`base_layer` plus the adapter `s` describes (r, scaling, dropout, factor dtype)."""
+
+    def __init__(self, base_layer: nn.Linear, s: LoraConfig):
         super().__init__()
         self.base_layer = base_layer
-        self.r, self.alpha = r, alpha
-        # rsLoRA keeps the update's scale stable as r grows (Kalajdzievski 2023).
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.dropout = dropout
-        device = base_layer.weight.device
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, dtype=dtype, device=device)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, dtype=dtype, device=device)
+        self.r, self.scaling, self.dropout = s.r, s.scaling, s.dropout
+        dtype, device = dtype_named(s.dtype, "lora.dtype"), base_layer.weight.device
+        self.lora_A = nn.Linear(base_layer.in_features, s.r, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(s.r, base_layer.out_features, bias=False, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
@@ -73,18 +72,7 @@ def drop_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(keep, x, 0)
 
 
-@dataclass
-class LoraSettings:
-    """What an adapter is: enough to rebuild it and to write PEFT's adapter_config.json."""
-    r: int = 64
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] | str = "all-linear"
-    rslora: bool = False
-    dtype: torch.dtype = torch.bfloat16
-
-
-def add_lora(model: nn.Module, s: LoraSettings) -> list[str]:
+def add_lora(model: nn.Module, s: LoraConfig) -> list[str]:
     """Wrap every target linear of `model` in a LoRALinear (in place); return the leaf names.
 
     Only the LoRA factors require grad afterwards; everything else is frozen.
@@ -94,8 +82,7 @@ def add_lora(model: nn.Module, s: LoraSettings) -> list[str]:
     linears = target_linears(model, s.targets)
     for name, linear in linears.items():
         parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf,
-                LoRALinear(linear, s.r, s.alpha, s.dropout, s.rslora, s.dtype))
+        setattr(model.get_submodule(parent_name), leaf, LoRALinear(linear, s))
     model.qlora_lora = s
     return sorted({n.rsplit(".", 1)[-1] for n in linears})
 

@@ -19,13 +19,9 @@ from typing import Iterator
 
 import torch
 
+from .dtypes import SAFETENSORS
 from .errors import QloraError
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -72,7 +68,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 def read_tensor(f, entry: dict, data_start: int, path: Path, name: str) -> torch.Tensor:
     """Read one tensor's bytes from an open file into a new (owned) tensor."""
-    dtype = DTYPES.get(entry["dtype"])
+    dtype = SAFETENSORS.get(entry["dtype"])
     if dtype is None:
         raise QloraError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
     begin, end = entry["data_offsets"]
@@ -98,3 +94,32 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 def tensor_names(files: list[Path]) -> dict[str, Path]:
     """Map every tensor name to the file holding it (reads headers only)."""
     return {name: path for path in files for name in read_header(path)[0]}
+
+
+class TensorReader:
+    """Single tensors by name from safetensors files (headers read once, data on demand):
+    `reader("model.layers.3.mlp.up_proj.weight")` returns a new tensor holding only that
+    tensor's bytes. Callable as `name -> tensor`, the shape export's verification takes."""
+
+    def __init__(self, files: list[Path]):
+        self.label = str(files[0] if len(files) == 1 else files[0].parent) if files else "<no files>"
+        self.entries: dict[str, tuple[Path, dict, int]] = {}
+        for path in files:
+            header, data_start = read_header(path)
+            for name, entry in header.items():
+                if name in self.entries:
+                    raise QloraError(f"{path}: tensor {name} also appears in {self.entries[name][0].name}")
+                self.entries[name] = (path, entry, data_start)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise QloraError(f"{self.label}: no tensor {name}")
+        path, entry, data_start = self.entries[name]
+        with open(path, "rb") as f:
+            return read_tensor(f, entry, data_start, path, name)

@@ -9,6 +9,7 @@ optimization as 1 process x batch N*b, and padding never changes a token's weigh
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
@@ -26,11 +27,11 @@ from .adapter import save_adapter
 from .config import Recipe, save_resolved
 from .data import Collator, GroupByLengthSampler, build_datasets, ensure_pad_token
 from .errors import QloraError, TrainingInterrupted
-from .generate import generate
-from .lora import LoraSettings, add_lora, trainable_report
+from .generate import generate, prompt_style
+from .lora import add_lora, trainable_report
 from .loss import lm_loss_sum
 from .metrics import MetricsLog, peak_memory_gb, plot_loss
-from .model import (DTYPES, decoder_layers, enable_gradient_checkpointing, load_model,
+from .model import (decoder_layers, enable_gradient_checkpointing, load_model,
                     load_tokenizer, matmul_layers_within)
 from .memory import release_if_grown, release_memory_per_layer
 from .optim import build_optimizer, build_scheduler
@@ -80,14 +81,14 @@ def setup(recipe: Recipe, resume: bool = False) -> Run:
         config_name=r.data.config_name)
     if len(train_ds) == 0:
         raise QloraError(f"{r.data.path}: no training example left after tokenization")
+    # The run records the format 'auto' found, so that prompts are later rendered like its data.
+    r = dataclasses.replace(r, data=dataclasses.replace(r.data, format=stats.format))
 
     torch.manual_seed(t.seed)  # identical LoRA init on every process
     model = load_model(r.model.name_or_path, quantization=r.model.quantization,
                        double_quant=r.model.double_quant, compute_dtype=r.model.compute_dtype,
                        device=acc.device)
-    add_lora(model, LoraSettings(r=r.lora.r, alpha=r.lora.alpha, dropout=r.lora.dropout,
-                                 targets=r.lora.targets, rslora=r.lora.rslora,
-                                 dtype=DTYPES[r.lora.dtype]))
+    add_lora(model, r.lora)
     keep = 0
     if t.gradient_checkpointing:
         keep = matmul_layers_within(model, t.keep_matmuls_gb, t.batch_size * r.data.max_seq_len)
@@ -289,8 +290,9 @@ def evaluate(run: Run) -> dict:
     loss = loss_sum / max(tokens, 1)
     out = {"step": run.state["step"], "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
     if t.sample_prompts and acc.is_main_process:
+        style = prompt_style(run.recipe.data.format, run.tokenizer)  # rendered like the data
         out["samples"] = [{"prompt": p, "output": generate(
-            run.model, run.tokenizer, p, max_new_tokens=t.sample_max_new_tokens)}
+            run.model, run.tokenizer, p, max_new_tokens=t.sample_max_new_tokens, style=style)}
             for p in t.sample_prompts]
     run.log.log(out)
     if acc.is_main_process:

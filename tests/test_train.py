@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from qlora import checkpoint as ckpt
 from qlora.config import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
 from qlora.errors import QloraError, TrainingInterrupted
-from qlora.lora import LoraSettings, add_lora
+from qlora.lora import add_lora
 from qlora.metrics import read_metrics
 from qlora.model import load_model
 from qlora.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler, lr_factor
@@ -189,7 +189,7 @@ def test_two_processes_match_one_with_double_batch(stories, alpaca_slice, tmp_pa
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_steps(stories, name):
     model = load_model(stories)
-    add_lora(model, LoraSettings(r=4, alpha=8, targets=["q_proj"]))
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
     b_factors = [p for n, p in model.named_parameters() if "lora_B" in n]  # A has zero grad at B = 0
     opt = build_optimizer(params, name, lr=1e-2, weight_decay=0.0)

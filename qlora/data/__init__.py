@@ -29,6 +29,7 @@ from qlora.data.tokenization import (
     IGNORE_INDEX,
     DataStats,
     Renderer,
+    encode_with_bos,
     ensure_pad_token,
     tokenize,
     truncate,
@@ -50,7 +51,9 @@ __all__ = [
     "Turn",
     "build_datasets",
     "detect_format",
+    "encode_with_bos",
     "ensure_pad_token",
+    "format_of",
     "load_raw",
     "pack",
     "parse_guanaco",
@@ -108,14 +111,16 @@ def build_datasets(
     return train, evaluation, stats
 
 
+def format_of(raw: datasets.Dataset, path: str) -> str:
+    """The format of loaded rows, detected from their columns (and first rows)."""
+    sample = raw.select(range(min(_SAMPLE_ROWS, len(raw))))
+    return detect_format(raw.column_names, path, sample_rows=sample.to_list())
+
+
 def _load_and_tokenize(path, tokenizer, *, format, max_seq_len, train_on_inputs, skip_malformed,
                        split, config_name, cache_dir) -> tuple[datasets.Dataset, DataStats]:
     raw = load_raw(path, split=split, config_name=config_name, cache_dir=cache_dir)
-    if format == "auto":
-        sample = raw.select(range(min(_SAMPLE_ROWS, len(raw))))
-        fmt = detect_format(raw.column_names, str(path), sample_rows=sample.to_list())
-    else:
-        fmt = format
+    fmt = format_of(raw, str(path)) if format == "auto" else format
     ds, stats = tokenize(raw, tokenizer, fmt, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs,
                          source=str(path), skip_malformed=skip_malformed)
     if stats.kept == 0:

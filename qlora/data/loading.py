@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import datasets
 
 from qlora.errors import QloraError
+from qlora.hub import looks_like_hub_id
 
 # File suffix -> `datasets` builder that reads it.
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def load_raw(
@@ -35,7 +34,7 @@ def load_raw(
         files = sorted(p for p in local.rglob("*") if p.suffix.lower() in _BUILDERS and p.is_file())
         if not files:
             raise QloraError(f"{path}: folder holds no .json, .jsonl, .csv or .parquet files")
-    elif _looks_like_hub_name(str(path)):
+    elif looks_like_hub_id(str(path)):
         return _load_hub(str(path), split, config_name, cache_dir)
     else:
         raise QloraError(f"data file not found: {path}")
@@ -69,15 +68,6 @@ def _load_hub(name: str, split: str, config_name: str | None, cache_dir: str | N
         raise QloraError(
             f"data file not found: {name} (and loading it from the hub failed: {_one_line(err)})"
         ) from err
-
-
-def _looks_like_hub_name(name: str) -> bool:
-    """"owner/name" that is not a local-looking path (no data suffix, first part not a folder)."""
-    return (
-        bool(_HUB_NAME.match(name))
-        and Path(name).suffix.lower() not in _BUILDERS
-        and not Path(name.split("/")[0]).exists()
-    )
 
 
 def _is_blank(path: Path) -> bool:

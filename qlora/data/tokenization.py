@@ -51,6 +51,8 @@ class DataStats:
     dropped_no_target: int = 0
     truncated: int = 0
     skipped_malformed: int = 0
+    format: str = ""
+    """The row layout the rows were read as (`data.format`, or what 'auto' detected)."""
 
 
 def ensure_pad_token(tokenizer) -> int:
@@ -255,6 +257,7 @@ def tokenize(
         dropped_no_target=sum(s == _NO_TARGET for s in status),
         truncated=sum(s == _TRUNCATED for s in status),
         skipped_malformed=sum(s == _MALFORMED for s in status),
+        format=fmt,
     )
     kept = encoded.filter(
         lambda batch: [s <= _TRUNCATED for s in batch],
@@ -295,13 +298,7 @@ class _Encoder:
         self.train_on_inputs = train_on_inputs
         self.skip_malformed = skip_malformed
         self.bos_id = tokenizer.bos_token_id
-        # Prepend BOS ourselves only where the tokenizer would add one and the rendered text
-        # does not already start with it (chat templates usually emit it): never two BOS.
-        with_special = tokenizer("a")["input_ids"]
-        without = tokenizer("a", add_special_tokens=False)["input_ids"]
-        self.tokenizer_adds_bos = (
-            self.bos_id is not None and with_special[:1] == [self.bos_id] and without[:1] != [self.bos_id]
-        )
+        self.tokenizer_adds_bos = adds_bos(tokenizer)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -340,6 +337,24 @@ class _Encoder:
         if all(label == IGNORE_INDEX for label in labels):
             return [], [], _NO_TARGET
         return ids, labels, _TRUNCATED if truncated else _KEPT
+
+
+def adds_bos(tokenizer) -> bool:
+    """Does `tokenizer` put BOS in front of plain text? Rendered text is tokenized without
+    special tokens and BOS prepended only where the tokenizer would add one and the text does
+    not already start with it (chat templates usually emit it): never two BOS."""
+    bos = tokenizer.bos_token_id
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos is not None and with_special[:1] == [bos] and without[:1] != [bos]
+
+
+def encode_with_bos(tokenizer, text: str) -> list[int]:
+    """Token ids of rendered `text` with the BOS training puts in front of it (see adds_bos)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
 
 
 def _span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
