@@ -107,6 +107,10 @@ def trainable_report(model: nn.Module) -> dict[str, int]:
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                   scaling: float, dtype: torch.dtype) -> torch.Tensor:
-    """`W + scaling * B @ A`, computed in fp32 and cast once at the end (pure function)."""
-    delta = lora_B.float() @ lora_A.float()  # (out, r) @ (r, in) -> (out, in)
-    return (weight.float() + scaling * delta).to(dtype)
+    """`W + scaling * B @ A`, computed in fp32 and cast once at the end (pure function).
+
+    One fp32 copy of W, updated in place by a fused multiply-add: at a 65B MLP weight
+    (22016 x 8192) a separate delta and its scaled copy would be 1.4 GB more peak memory."""
+    out = weight.to(torch.float32, copy=True)  # (out, in)
+    out.addmm_(lora_B.float(), lora_A.float(), alpha=scaling)  # += scaling * (out, r) @ (r, in)
+    return out.to(dtype)
