@@ -63,6 +63,7 @@ from .atomic import write_atomically
 from .dtypes import SAFETENSORS, SAFETENSORS_CODES, dtype_name, dtype_named
 from .errors import QloraError
 from .lora import merged_weight
+from .memory import release_freed_memory
 from .model import build_skeleton, resolve_device
 from .resolve import EXPORT_INFO, ModelSource, checkpoints, resolve
 from .safetensors_io import INDEX_NAME, SINGLE_NAME, checkpoint_files, read_header, read_tensor
@@ -269,6 +270,9 @@ def write_shards(tmp: Path, shards: list[Shard], merger: Merger) -> list[str]:
                     if it.nbytes:
                         out.write(memoryview(value.view(-1).view(torch.uint8).numpy()))
                     del value
+                    # The round trip's temporaries leave freed holes glibc keeps unless asked:
+                    # the heap grew with every tensor written (benchmarks/README.md, "Export at scale").
+                    release_freed_memory()
             log.info("wrote %s (%.1f MB)", fname, shard.nbytes / 1e6)
     finally:
         for f in handles.values():

@@ -39,6 +39,15 @@ def asset(rel: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: a second intra-op thread only adds contention on shared CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def stories() -> Path:
     return asset("models/stories260K")
