@@ -70,12 +70,14 @@ def _resolved(args):
     """The model source of `args.model`, loaded on `args.device`; says when a run without
     its final adapter falls back to its latest checkpoint."""
     from .generate import load_resolved
+    from .model import resolve_device
     from .resolve import resolve
+    device = resolve_device(args.device)  # before anything is read or downloaded
     src = resolve(args.model, base=args.base)
     if not src.final:
         print(f"qlora: {src.path} has no final adapter (the run did not finish); using its latest "
               f"checkpoint {src.adapter}", file=sys.stderr)
-    model, tokenizer = load_resolved(src, args.device)
+    model, tokenizer = load_resolved(src, device)
     return src, model, tokenizer
 
 
