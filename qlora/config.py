@@ -39,7 +39,7 @@ from qlora.errors import QloraError
 
 Quantization = Literal["nf4", "fp4", "none"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
-LoraDtype = Literal["bfloat16", "float32"]
+LoraDtype = Literal["auto", "bfloat16", "float32"]
 DataFormat = Literal["auto", "alpaca", "guanaco", "messages", "sharegpt", "prompt_completion", "text"]
 Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_torch"]
@@ -95,7 +95,7 @@ class ModelConfig(_Section):
     double_quant: bool = True
     """Also quantize the 4-bit blocks' scales (saves ~0.37 bits/parameter); ignored for 'none'."""
     compute_dtype: ComputeDtype = "bfloat16"
-    """Dtype the 4-bit weights are dequantized to for matmuls (and of unquantized layers)."""
+    """Dtype the 4-bit weights are dequantized to for matmuls (and of unquantized layers). float16 is for GPUs without bf16 (T4, V100): training then uses dynamic loss scaling and, with lora.dtype auto, fp32 LoRA factors."""
     tokenizer: str | None = None
     """Hub id or local directory of the tokenizer; null means the same as model.name_or_path."""
 
@@ -122,8 +122,14 @@ class LoraConfig(_Section):
     """Linear layers to adapt: 'all-linear' (every linear layer but the LM head, as in the paper) or a list of module-name suffixes such as [q_proj, v_proj]."""
     rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(r) instead of alpha / r."""
-    dtype: LoraDtype = "bfloat16"
-    """Storage dtype of the adapter weights."""
+    dtype: LoraDtype = "auto"
+    """Storage dtype of the adapter weights; 'auto' is bfloat16 with model.compute_dtype bfloat16, else float32."""
+
+    def resolved_dtype(self, compute_dtype: str) -> str:
+        """The adapter dtype this section means with `compute_dtype` (resolves 'auto')."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if compute_dtype == "bfloat16" else "float32"
 
     def _check_values(self) -> None:
         self._require(self.r >= 1, "r", ">= 1")
@@ -209,7 +215,7 @@ class TrainConfig(_Section):
     save_steps: int = 250
     """Save an adapter checkpoint every this many optimizer steps."""
     save_total_limit: int = 3
-    """Keep at most this many checkpoints, deleting the oldest."""
+    """Keep at most this many checkpoints: the newest, and the one with the lowest eval loss among those evaluated at their own step (with a limit of 1, only the newest)."""
     seed: int = 42
     """Seed for shuffling, the evaluation split, dropout and adapter initialization."""
     gradient_checkpointing: bool = True

@@ -147,6 +147,11 @@ def load_model(name_or_path: str | Path, *, quantization: str = "nf4", double_qu
     if getattr(config, "tie_word_embeddings", False):
         # The checkpoint stores the shared matrix once; point the head at the embeddings.
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    # init_empty_weights left non-persistent buffers (rotary inv_freq) real, on the CPU.
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta and buf.device != device:
+                module._buffers[key] = buf.to(device)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise QloraError(f"{path}: checkpoint has no tensor for {missing[0]}"
@@ -225,6 +230,10 @@ def enable_gradient_checkpointing(model: PreTrainedModel, keep_matmul_layers: in
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also hooks the embeddings so their output requires grad (a crutch for
+    # reentrant checkpointing). With frozen embeddings that only makes backward compute input
+    # gradients for layer 0's q/k/v (a dequantize and a GEMM each) that nothing uses.
+    model.disable_input_require_grads()
     for layer in decoder_layers(model)[:keep_matmul_layers]:
         if not isinstance(layer, GradientCheckpointingLayer):
             raise QloraError(f"{type(layer).__name__} does not checkpoint itself per layer, so "
