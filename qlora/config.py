@@ -38,6 +38,7 @@ import yaml
 from qlora.errors import QloraError
 
 Quantization = Literal["nf4", "fp4", "none"]
+Offload = Literal["none", "cpu", "disk"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
 LoraDtype = Literal["auto", "bfloat16", "float32"]
 DataFormat = Literal["auto", "alpaca", "guanaco", "messages", "sharegpt", "prompt_completion", "text"]
@@ -98,12 +99,34 @@ class ModelConfig(_Section):
     """Dtype the 4-bit weights are dequantized to for matmuls (and of unquantized layers). float16 is for GPUs without bf16 (T4, V100): training then uses dynamic loss scaling and, with lora.dtype auto, fp32 LoRA factors."""
     tokenizer: str | None = None
     """Hub id or local directory of the tokenizer; null means the same as model.name_or_path."""
+    offload: Offload = "none"
+    """Where the 4-bit weights of the decoder layers past model.resident_layers live between uses: 'cpu' (pinned host memory on a GPU machine; copies overlap compute) or 'disk' (a file read per layer, so a model larger than memory trains); each layer is brought in just before it runs and the next one prefetched. Same numbers as 'none'."""
+    offload_dir: str | None = None
+    """Folder for model.offload disk's layer file; null means RUN_DIR/offload when training, a temporary folder otherwise."""
+    resident_layers: int | Literal["auto"] = "auto"
+    """With model.offload: how many decoder layers (the first ones) stay on the compute device; 'auto' keeps as many as its free memory allows after a reserve of 20% (at least 1.5 GiB)."""
+    cache_dir: str | None = None
+    """Keep a pre-quantized 4-bit copy of a 16-bit checkpoint here after its first load and load that next time (skips quantizing; rebuilt when the source or settings change)."""
 
     def _check_values(self) -> None:
         self._require_text("name_or_path")
         self._require_text("tokenizer")
+        self._require_text("offload_dir")
+        self._require_text("cache_dir")
         if self.tokenizer is None:
             self.tokenizer = self.name_or_path
+        if self.resident_layers != "auto":
+            self._require(self.resident_layers >= 0, "resident_layers", ">= 0 or 'auto'")
+        if self.offload == "none":
+            for name in ("offload_dir", "resident_layers"):
+                if getattr(self, name) not in (None, "auto"):
+                    raise QloraError(f"{self._key(name)}: only used with model.offload cpu or disk "
+                                     f"(model.offload is none)")
+        elif self.quantization == "none":
+            raise QloraError(f"{self._key('offload')}: streams 4-bit weights; it needs "
+                             "model.quantization nf4 or fp4")
+        if self.offload == "cpu" and self.offload_dir is not None:
+            raise QloraError(f"{self._key('offload_dir')}: only used with model.offload: disk")
 
 
 @dataclass
@@ -665,6 +688,10 @@ def _resolve_paths(recipe: Recipe) -> Recipe:
         recipe.model,
         name_or_path=_resolve_local(recipe.model.name_or_path, may_be_hub_id=True),
         tokenizer=_resolve_local(recipe.model.tokenizer, may_be_hub_id=True),
+        offload_dir=None if recipe.model.offload_dir is None
+        else _resolve_local(recipe.model.offload_dir, may_be_hub_id=False),
+        cache_dir=None if recipe.model.cache_dir is None
+        else _resolve_local(recipe.model.cache_dir, may_be_hub_id=False),
     )
     eval_path = recipe.data.eval_path
     data = dataclasses.replace(

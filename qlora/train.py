@@ -90,7 +90,9 @@ def setup(recipe: Recipe, resume: bool = False) -> Run:
     torch.manual_seed(t.seed)  # identical LoRA init on every process
     model = load_model(r.model.name_or_path, quantization=r.model.quantization,
                        double_quant=r.model.double_quant, compute_dtype=r.model.compute_dtype,
-                       device=acc.device)
+                       device=acc.device, offload=r.model.offload,
+                       offload_dir=r.model.offload_dir or run_dir / "offload",
+                       resident_layers=r.model.resident_layers, cache_dir=r.model.cache_dir)
     add_lora(model, LoraSettings(r=r.lora.r, alpha=r.lora.alpha, dropout=r.lora.dropout,
                                  targets=r.lora.targets, rslora=r.lora.rslora,
                                  dtype=DTYPES[r.lora.resolved_dtype(r.model.compute_dtype)]))
@@ -396,6 +398,13 @@ def finish(run: Run) -> dict:
         save_adapter(run.model, run.run_dir / "adapter")
         plot_loss(run.run_dir)
         run.log.close()
+    streamer = getattr(run.model, "qlora_streamer", None)
+    if streamer is not None:
+        st = streamer.stats
+        if run.acc.is_main_process:
+            tqdm.write(f"qlora: streamed {st.fetches} layers ({st.bytes / 2**30:.1f} GiB): "
+                       f"{st.io_seconds:.1f} s reading, {st.wait_seconds:.1f} s not hidden behind compute")
+        streamer.close()
     run.acc.wait_for_everyone()
     return summary
 
