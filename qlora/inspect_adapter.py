@@ -1,0 +1,425 @@
+"""`qlora inspect`: what an adapter learned, read from its factors (rank analysis).
+
+    report = inspect_adapters("runs/r8", "runs/r64", base="models/llama-7b")
+
+Per adapted layer, the update is ΔW = scaling·B·A with B (out, r) and A (r, in). It has at
+most r non-zero singular values, and they are those of a small r×r core: with the thin QR
+factorizations B = Q_B R_B and Aᵀ = Q_A R_A,
+
+    ΔW = scaling · Q_B (R_B R_Aᵀ) Q_Aᵀ
+
+and Q_B, Q_A have orthonormal columns, so σ(ΔW) = |scaling|·σ(R_B R_Aᵀ). Only the R factors
+are ever formed (float64, (r, r)); memory is the two factors in float64, never out×in.
+
+What is reported (all definitions in one place, the README quotes them):
+
+* `singular_values`: σ₁ ≥ σ₂ ≥ ... of ΔW, min(r, out, in) of them;
+* `effective_rank`: Roy & Vetterli's entropy effective rank exp(−Σ pᵢ log pᵢ) with
+  pᵢ = σᵢ/Σσ: 1 for a rank-one update, k for k equal singular values, in between otherwise
+  (0 for an all-zero update, e.g. an untrained adapter whose B is still zero);
+* `rank_above_1pct`: how many σᵢ exceed 1% of σ₁ (a threshold rank: directions that matter);
+* `delta_norm`: ‖ΔW‖_F = sqrt(Σσ²);
+* `relative_norm` (with a base model): ‖ΔW‖_F / ‖W‖_F, with W the weight as training saw it
+  (re-quantized exactly as training quantized it: export's "dequantized" base) or the original
+  checkpoint weight; the base is streamed one tensor at a time;
+* `similarity` (two adapters): the LoRA paper's normalized subspace similarity (Hu et al. 2021,
+  section 7.2) φ(A₁, A₂, i, j) = ‖U₁ⁱᵀ U₂ʲ‖²_F / min(i, j), U the right-singular vectors of A
+  (its top i and j), in [0, 1]: 1 when one span contains the other, 0 when they are
+  orthogonal, about max(i, j)/in for unrelated random subspaces.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import CONFIG_NAME, read_adapter_config
+from .atomic import write_atomically
+from .checkpoint import latest_checkpoint
+from .errors import QloraError
+from .export import Delta, _check_out, quantized_weight_names, read_adapter_deltas, resolve_source
+from .safetensors_io import checkpoint_files, read_header, read_tensor, tensor_names
+
+RANK_RTOL = 0.01  # `rank_above_1pct`: σᵢ > 1% of σ₁
+BASE_WEIGHTS = ("dequantized", "original")
+NORM_ROWS = 512  # rows per float64 chunk when taking ‖W‖_F (16 MB at in 4096)
+
+
+# --------------------------------------------------------------------------- the math
+
+
+def delta_singular_values(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """σ of scaling·B·A, descending, float64, through the r×r core (never out×in)."""
+    # mode="r": the Q factors are never built either; R is (min(n, r), r).
+    r_b = torch.linalg.qr(B.double(), mode="r").R  # B: (out, r) -> R_B (r', r)
+    r_a = torch.linalg.qr(A.double().T, mode="r").R  # Aᵀ: (in, r) -> R_A (r'', r)
+    return abs(scaling) * torch.linalg.svdvals(r_b @ r_a.T)  # (r', r'') core
+
+
+def effective_rank(sv: torch.Tensor) -> float:
+    """Entropy effective rank (Roy & Vetterli 2007) of a spectrum; 0 when it is all zero."""
+    total = sv.double().sum()
+    if total <= 0:
+        return 0.0
+    p = sv.double() / total
+    p = p[p > 0]  # 0·log 0 = 0
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def threshold_rank(sv: torch.Tensor, rtol: float = RANK_RTOL) -> int:
+    """How many singular values exceed `rtol`·σ₁ (0 for an all-zero spectrum)."""
+    if sv.numel() == 0 or sv.max() <= 0:
+        return 0
+    return int((sv > rtol * sv.max()).sum())
+
+
+def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
+    """φ(A₁, A₂, i, j) for all i ≤ r₁, j ≤ r₂ as an (r₁, r₂) float64 matrix (row i−1, column j−1).
+
+    With V₁, V₂ the right-singular vectors of A₁ (r₁, in), A₂ (r₂, in) as rows (descending σ),
+    ‖U₁ⁱᵀ U₂ʲ‖²_F is the sum of M² over the top-left i×j block of M = V₁ V₂ᵀ: a 2-D cumsum.
+    """
+    if A1.shape[1] != A2.shape[1]:
+        raise ValueError(f"A factors of different input widths: {A1.shape[1]} vs {A2.shape[1]}")
+    v1 = torch.linalg.svd(A1.double(), full_matrices=False).Vh  # (r₁, in)
+    v2 = torch.linalg.svd(A2.double(), full_matrices=False).Vh  # (r₂, in)
+    overlap = (v1 @ v2.T).square().cumsum(0).cumsum(1)  # (r₁, r₂)
+    i = torch.arange(1, overlap.shape[0] + 1, dtype=torch.float64)
+    j = torch.arange(1, overlap.shape[1] + 1, dtype=torch.float64)
+    return overlap / torch.minimum(i[:, None], j[None, :])
+
+
+def frobenius_norm(w: torch.Tensor, rows: int = NORM_ROWS) -> float:
+    """‖w‖_F accumulated in float64 a few rows at a time (no float64 copy of the whole weight)."""
+    total = 0.0
+    for chunk in w.reshape(w.shape[0], -1).split(rows):
+        total += torch.linalg.vector_norm(chunk, dtype=torch.float64).item() ** 2
+    return math.sqrt(total)
+
+
+# --------------------------------------------------------------------------- the inputs
+
+
+def find_adapter(path: str | Path) -> Path:
+    """The adapter folder that `path` names: an adapter or checkpoint folder itself, or a run
+    directory's final adapter (RUN/adapter). export.resolve_source applies the same rules; the
+    one shared resolver (issue #12) replaces this function."""
+    p = Path(path).expanduser()
+    if (p / CONFIG_NAME).is_file():
+        return p
+    if (p / "adapter" / CONFIG_NAME).is_file():
+        return p / "adapter"
+    if not p.is_dir():
+        raise QloraError(f"{path}: no such folder")
+    if (p / "recipe.yaml").is_file():
+        ckpt = latest_checkpoint(p)
+        hint = f"; inspect a checkpoint instead, e.g. {ckpt}" if ckpt else ""
+        raise QloraError(f"{path}: run has no final adapter (adapter/{CONFIG_NAME} missing){hint}")
+    raise QloraError(f"{path}: not a run, checkpoint or adapter directory "
+                     f"(no recipe.yaml or {CONFIG_NAME})")
+
+
+@dataclass
+class Adapter:
+    """One adapter as inspect reads it."""
+    arg: str
+    """The path as the user gave it (run, checkpoint or adapter folder)."""
+    folder: Path
+    """The adapter folder itself (holds adapter_config.json)."""
+    r: int
+    """LoRA rank from adapter_config.json."""
+    alpha: float
+    """lora_alpha from adapter_config.json."""
+    scaling: float
+    """ΔW = scaling·B·A (adapter.scaling_of: alpha/r, or alpha/sqrt(r) with rsLoRA)."""
+    deltas: dict[str, Delta]
+    """{PEFT module name: its factors}."""
+
+    @property
+    def home(self) -> Path:
+        """The folder the user thinks of: the adapter folder, or its run for RUN/adapter."""
+        f = self.folder.resolve()
+        return f.parent if f.name == "adapter" else f
+
+    @property
+    def label(self) -> str:
+        """A short name for titles and file names."""
+        return self.home.name
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    folder = find_adapter(path)
+    settings, _ = read_adapter_config(folder)
+    deltas, scaling = read_adapter_deltas(folder)
+    if not deltas:
+        raise QloraError(f"{folder}: the adapter holds no LoRA factors")
+    modules = {name.removesuffix(".weight"): d for name, d in sorted(deltas.items())}
+    for module, d in modules.items():
+        if d.A.dim() != 2 or d.B.dim() != 2 or d.A.shape[0] != d.B.shape[1]:
+            raise QloraError(f"{folder}: {module} has factors A {tuple(d.A.shape)} and "
+                             f"B {tuple(d.B.shape)}; expected A (r, in) and B (out, r)")
+    return Adapter(str(path), folder, settings.r, settings.alpha, scaling, modules)
+
+
+def select_modules(modules: list[str], layers: list[str] | None, where: Path) -> dict[str, list[str]]:
+    """{selector: the modules it picks}. A selector is a layer type (`q_proj`), a longer
+    suffix (`self_attn.q_proj`) or one module's full name; none given: one group per type."""
+    if not layers:
+        layers = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    groups = {}
+    for sel in layers:
+        picked = [m for m in modules if _matches(m, sel)]
+        if not picked:
+            types = ", ".join(sorted({m.rsplit(".", 1)[-1] for m in modules}))
+            raise QloraError(f"--layers {sel}: matches no adapted module of {where} "
+                             f"(layer types: {types})")
+        groups[sel] = picked
+    return groups
+
+
+def _matches(module: str, selector: str) -> bool:
+    return module == selector or module.endswith("." + selector)
+
+
+def base_norms(adapter: Adapter, modules: list[str], base: str, base_weights: str) -> dict[str, float]:
+    """{module: ‖W‖_F} read from the base checkpoint one tensor at a time.
+
+    "dequantized": W as training saw it: decoder linears re-quantized with the adapter's
+    training settings (its run's recipe, else nf4 + double quant + bf16, as export assumes),
+    other adapted layers cast to the compute dtype. "original": the checkpoint tensor as stored.
+    """
+    from . import quant
+    src = resolve_source(adapter.arg, base=base)
+    files = checkpoint_files(src.base)
+    if not files:
+        raise QloraError(f"{src.base}: needs safetensors weights (found none)")
+    where = tensor_names(files)
+    quantized = quantized_weight_names(src.base, src.quantization) if base_weights == "dequantized" else set()
+    wanted: dict[Path, list[str]] = {}
+    for module in modules:
+        name = module + ".weight"
+        if name not in where:
+            raise QloraError(f"{adapter.folder}: module {module} has no weight {name} in {src.base}")
+        wanted.setdefault(where[name], []).append(name)
+    norms = {}
+    for path, names in wanted.items():
+        header, data_start = read_header(path)
+        with open(path, "rb") as f:
+            for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):  # on-disk order
+                w = read_tensor(f, header[name], data_start, path, name)  # (out, in)
+                module = name.removesuffix(".weight")
+                d = adapter.deltas[module]
+                if w.dim() != 2 or w.shape != (d.B.shape[0], d.A.shape[1]):
+                    raise QloraError(f"{path}: {name} has shape {tuple(w.shape)}; the adapter's "
+                                     f"{module} is {d.B.shape[0]}x{d.A.shape[1]} (another base model?)")
+                if base_weights == "dequantized":
+                    w = (quant.nf4_roundtrip(w, src.quantization, src.double_quant, src.compute_dtype)
+                         if name in quantized else w.to(src.compute_dtype))
+                norms[module] = frobenius_norm(w)
+                del w
+    return norms
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass
+class Group:
+    """The similarity of one --layers selector, averaged over its layers."""
+    modules: list[str]
+    """Modules of the selector present in both adapters (the average's terms)."""
+    mean: torch.Tensor
+    """(r₁, r₂) mean φ(i, j) over `modules`."""
+
+
+@dataclass
+class Report:
+    adapter: Adapter
+    """The first adapter (ADAPTER)."""
+    other: Adapter | None
+    """The second adapter (OTHER), when given."""
+    layers: dict[str, dict]
+    """{module: stats}: the `--json` output's "layers" (see the module docstring for the keys)."""
+    groups: dict[str, list[str]]
+    """{--layers selector: its modules of ADAPTER}."""
+    similarity: dict[str, Group] = field(default_factory=dict)
+    """{selector: mean φ} (two adapters)."""
+    skipped: list[str] = field(default_factory=list)
+    """Modules in only one of the two adapters: no φ for them."""
+    base_weights: str | None = None
+    """"dequantized" or "original" when relative norms were taken, else None."""
+    out: Path | None = None
+    """Folder holding the heat-maps and tables (two adapters)."""
+    files: list[str] = field(default_factory=list)
+    """File names written into `out`."""
+
+
+def layer_stats(d: Delta, scaling: float, base_norm: float | None) -> dict:
+    sv = delta_singular_values(d.A, d.B, scaling)
+    stats = {"singular_values": sv.tolist(), "effective_rank": effective_rank(sv),
+             "rank_above_1pct": threshold_rank(sv),
+             "delta_norm": math.sqrt(sv.square().sum().item())}
+    if base_norm is not None:
+        stats["relative_norm"] = stats["delta_norm"] / base_norm if base_norm > 0 else math.inf
+    return stats
+
+
+def inspect_adapters(adapter: str | Path, other: str | Path | None = None, *,
+                     base: str | Path | None = None, base_weights: str = "dequantized",
+                     layers: list[str] | None = None, out: str | Path | None = None,
+                     force: bool = False) -> Report:
+    """Rank analysis of `adapter` (and its similarity to `other`); see the module docstring.
+
+    `base`: base model for ‖ΔW‖/‖W‖, `base_weights` which W ("dequantized" or "original").
+    `layers`: selectors (layer types such as q_proj, or full module names); default every type.
+    `out`: folder for the heat-maps and tables (two adapters only; default
+    `inspect-<label1>-vs-<label2>` beside the first adapter's folder, or beside its run for a
+    run's final adapter: runs/r8 runs/r64 -> runs/inspect-r8-vs-r64), published atomically;
+    an existing non-empty folder is replaced only with `force`.
+    """
+    if base_weights not in BASE_WEIGHTS:
+        raise QloraError(f"base_weights: expected dequantized or original, got {base_weights!r}")
+    first = read_adapter(adapter)
+    second = read_adapter(other) if other is not None else None
+    if second is None and (out is not None or force):
+        raise QloraError("--out/--force: nothing to write with one adapter (the similarity "
+                         "heat-maps need OTHER)")
+    if second is not None:
+        out = Path(out).expanduser() if out is not None else \
+            first.home.parent / f"inspect-{first.label}-vs-{second.label}"
+        _check_out(out, force)  # before the work, not after
+        for a in (first, second):
+            if out.resolve() == a.folder.resolve() or out.resolve() in a.folder.resolve().parents:
+                raise QloraError(f"{out}: output folder would replace the adapter {a.folder}")
+
+    groups = select_modules(list(first.deltas), layers, first.folder)
+    modules = sorted({m for picked in groups.values() for m in picked})
+    common = [m for m in modules if second is not None and m in second.deltas]
+    if second is not None and not common:
+        raise QloraError(f"{second.folder}: no adapted module in common with {first.folder}"
+                         + (" among --layers " + " ".join(layers) if layers else ""))
+    norms1 = norms2 = None
+    if base is not None:
+        norms1 = base_norms(first, modules, str(base), base_weights)
+        if second is not None:
+            norms2 = base_norms(second, common, str(base), base_weights)
+
+    report = Report(first, second, {}, groups, base_weights=base_weights if base else None)
+    for m in modules:
+        report.layers[m] = layer_stats(first.deltas[m], first.scaling, norms1[m] if norms1 else None)
+    if second is None:
+        return report
+
+    picked_other = {m for m in second.deltas if any(_matches(m, sel) for sel in groups)}
+    report.skipped = sorted(set(modules) ^ picked_other)
+    for m in common:
+        a1, a2 = first.deltas[m].A, second.deltas[m].A
+        if a1.shape[1] != a2.shape[1]:
+            raise QloraError(f"{second.folder}: {m} has {a2.shape[1]} inputs, {first.folder} has "
+                             f"{a1.shape[1]}: the adapters are not for the same base model")
+        phi = subspace_similarity(a1, a2)
+        report.layers[m]["similarity"] = phi.tolist()
+        report.layers[m]["other"] = layer_stats(second.deltas[m], second.scaling, norms2[m] if norms2 else None)
+    for sel, picked in groups.items():
+        both = [m for m in picked if m in second.deltas]
+        if both:
+            mean = torch.tensor([report.layers[m]["similarity"] for m in both], dtype=torch.float64).mean(0)
+            report.similarity[sel] = Group(both, mean)
+    report.out = out
+    write_atomically(out, lambda tmp: report.files.extend(write_similarity(tmp, report)))
+    return report
+
+
+# --------------------------------------------------------------------------- the files
+
+
+def write_similarity(folder: Path, report: Report) -> list[str]:
+    """similarity-<selector>.png (heat-map) and .csv (the full table) per selector."""
+    names = []
+    for sel, group in report.similarity.items():
+        stem = file_stem(sel)
+        (folder / f"{stem}.csv").write_text(similarity_csv(group.mean))
+        heat_map(group, sel, report, folder / f"{stem}.png")
+        names += [f"{stem}.csv", f"{stem}.png"]
+    return names
+
+
+def file_stem(selector: str) -> str:
+    return "similarity-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in selector)
+
+
+def similarity_csv(phi: torch.Tensor) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["i\\j", *range(1, phi.shape[1] + 1)])
+    for i, row in enumerate(phi.tolist(), 1):
+        w.writerow([i, *(f"{v:.6f}" for v in row)])
+    return buf.getvalue()
+
+
+def heat_map(group: Group, sel: str, report: Report, path: Path) -> None:
+    """φ(i, j) as an image, in the LoRA paper's layout (i down, j across, 0..1 colour scale)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, no global backend switch
+    from matplotlib.figure import Figure
+    r1, r2 = group.mean.shape
+    fig = Figure(figsize=(min(12, 3 + 0.12 * r2), min(10, 2.5 + 0.12 * r1)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(group.mean.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto",
+                   interpolation="nearest", extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5))
+    fig.colorbar(im, ax=ax, label="φ(i, j)")
+    ax.set_xlabel(f"j  ({report.other.label}, r={r2})")
+    ax.set_ylabel(f"i  ({report.adapter.label}, r={r1})")
+    n = len(group.modules)
+    ax.set_title(f"φ(A₁, A₂, i, j): subspace similarity, {sel}" + (f" (mean of {n} layers)" if n > 1 else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# --------------------------------------------------------------------------- the text
+
+
+def _ticks(r: int) -> list[int]:
+    """1, 2, 4, ... and r: the rows/columns of the printed φ table."""
+    return sorted({*(2 ** k for k in range(r.bit_length()) if 2 ** k <= r), r})
+
+
+def format_report(report: Report) -> str:
+    a, b = report.adapter, report.other
+    lines = [f"adapter {a.folder}: r {a.r}, alpha {a.alpha:g}, scaling {a.scaling:g}, "
+             f"{len(a.deltas)} layers"]
+    if b is not None:
+        lines.append(f"other   {b.folder}: r {b.r}, alpha {b.alpha:g}, scaling {b.scaling:g}, "
+                     f"{len(b.deltas)} layers")
+    rel = report.base_weights is not None
+    width = max(len(m) for m in report.layers)
+    head = f"{'module':<{width}}  {'σ1':>9} {'σ2':>9} {'σ3':>9}  {'erank':>6} {'rank>1%':>7}  {'‖ΔW‖F':>9}"
+    lines += ["", head + (f"  ‖ΔW‖/‖W‖ ({report.base_weights} base)" if rel else "")]
+    for m, s in report.layers.items():
+        sv = (s["singular_values"] + [0.0] * 3)[:3]
+        line = (f"{m:<{width}}  {sv[0]:9.4g} {sv[1]:9.4g} {sv[2]:9.4g}  {s['effective_rank']:6.2f} "
+                f"{s['rank_above_1pct']:7d}  {s['delta_norm']:9.4g}")
+        lines.append(line + (f"  {s['relative_norm']:.4g}" if rel else ""))
+    lines += ["", "per selector (mean over its layers): erank, rank>1%" + (", ‖ΔW‖/‖W‖" if rel else "")]
+    for sel, picked in report.groups.items():
+        stats = [report.layers[m] for m in picked]
+        mean = lambda k: sum(s[k] for s in stats) / len(stats)  # noqa: E731
+        lines.append(f"  {sel}: {len(picked)} layer{'s' * (len(picked) != 1)}, {mean('effective_rank'):.2f}, "
+                     f"{mean('rank_above_1pct'):.1f}" + (f", {mean('relative_norm'):.4g}" if rel else ""))
+    for sel, group in report.similarity.items():
+        phi = group.mean
+        rows, cols = _ticks(phi.shape[0]), _ticks(phi.shape[1])
+        n = len(group.modules)
+        lines += ["", f"φ(A₁, A₂, i, j), {sel}, mean of {n} layer{'s' * (n != 1)} "
+                      f"(i: adapter, j: other; full table {report.out / (file_stem(sel) + '.csv')})",
+                  "  i\\j " + "".join(f"{j:>7}" for j in cols)]
+        lines += [f"  {i:>4} " + "".join(f"{phi[i - 1, j - 1].item():7.3f}" for j in cols) for i in rows]
+    if report.skipped:
+        lines += ["", f"no similarity for {len(report.skipped)} module(s) in only one adapter: "
+                      + ", ".join(report.skipped[:5]) + (" ..." if len(report.skipped) > 5 else "")]
+    return "\n".join(lines)
