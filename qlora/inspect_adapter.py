@@ -42,7 +42,8 @@ from .adapter import CONFIG_NAME, read_adapter_config
 from .atomic import write_atomically
 from .checkpoint import latest_checkpoint
 from .errors import QloraError
-from .export import Delta, _check_out, quantized_weight_names, read_adapter_deltas, resolve_source
+from .export import (Delta, Source, _check_out, quantized_weight_names, read_adapter_deltas,
+                     resolve_source)
 from .safetensors_io import checkpoint_files, read_header, read_tensor, tensor_names
 
 RANK_RTOL = 0.01  # `rank_above_1pct`: σᵢ > 1% of σ₁
@@ -186,42 +187,65 @@ def _matches(module: str, selector: str) -> bool:
     return module == selector or module.endswith("." + selector)
 
 
-def base_norms(adapter: Adapter, modules: list[str], base: str, base_weights: str) -> dict[str, float]:
-    """{module: ‖W‖_F} read from the base checkpoint one tensor at a time.
+def base_norms(adapters: list[tuple[Adapter, list[str]]], base: str,
+               base_weights: str) -> list[dict[str, float]]:
+    """For each (adapter, modules): {module: ‖W‖_F}, the base read one tensor at a time.
 
-    "dequantized": W as training saw it: decoder linears re-quantized with the adapter's
+    "dequantized": W as training saw it: decoder linears re-quantized with that adapter's
     training settings (its run's recipe, else nf4 + double quant + bf16, as export assumes),
     other adapted layers cast to the compute dtype. "original": the checkpoint tensor as stored.
+    Adapters that see the base the same way share one pass over it.
     """
-    from . import quant
-    src = resolve_source(adapter.arg, base=base)
-    files = checkpoint_files(src.base)
+    srcs = [resolve_source(a.arg, base=base) for a, _ in adapters]
+
+    def view(src: Source) -> tuple:
+        settings = (src.quantization, src.double_quant, src.compute_dtype)
+        return (src.base.resolve(), *(settings if base_weights == "dequantized" else ()))
+
+    for (a, modules), src in zip(adapters, srcs):  # every mismatch before reading any weight
+        check_base_shapes(a, modules, src.base)
+    done: dict[tuple, dict[str, float]] = {}
+    for src in srcs:
+        if view(src) not in done:
+            need = {m for (_, ms), s in zip(adapters, srcs) if view(s) == view(src) for m in ms}
+            done[view(src)] = weight_norms(src, need, base_weights)
+    return [{m: done[view(src)][m] for m in modules} for (_, modules), src in zip(adapters, srcs)]
+
+
+def check_base_shapes(adapter: Adapter, modules: list[str], base: Path) -> None:
+    """Every module has a weight of shape (out, in) in `base` (safetensors headers only)."""
+    files = checkpoint_files(base)
     if not files:
-        raise QloraError(f"{src.base}: needs safetensors weights (found none)")
-    where = tensor_names(files)
-    quantized = quantized_weight_names(src.base, src.quantization) if base_weights == "dequantized" else set()
-    wanted: dict[Path, list[str]] = {}
+        raise QloraError(f"{base}: needs safetensors weights (found none)")
+    shapes = {name: (path, entry["shape"]) for path in files for name, entry in read_header(path)[0].items()}
     for module in modules:
-        name = module + ".weight"
-        if name not in where:
-            raise QloraError(f"{adapter.folder}: module {module} has no weight {name} in {src.base}")
-        wanted.setdefault(where[name], []).append(name)
+        d, name = adapter.deltas[module], module + ".weight"
+        if name not in shapes:
+            raise QloraError(f"{adapter.folder}: module {module} has no weight {name} in {base}")
+        path, shape = shapes[name]
+        if list(shape) != [d.B.shape[0], d.A.shape[1]]:
+            raise QloraError(f"{path}: {name} has shape {tuple(shape)}; {adapter.folder}'s {module} "
+                             f"is {d.B.shape[0]}x{d.A.shape[1]} (another base model?)")
+
+
+def weight_norms(src: Source, modules: set[str], base_weights: str) -> dict[str, float]:
+    from . import quant
+    where = tensor_names(checkpoint_files(src.base))
+    quantized = quantized_weight_names(src.base, src.quantization) if base_weights == "dequantized" else set()
+    by_file: dict[Path, list[str]] = {}
+    for module in modules:
+        by_file.setdefault(where[module + ".weight"], []).append(module + ".weight")
     norms = {}
-    for path, names in wanted.items():
+    for path, names in by_file.items():
         header, data_start = read_header(path)
         with open(path, "rb") as f:
             for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):  # on-disk order
                 w = read_tensor(f, header[name], data_start, path, name)  # (out, in)
-                module = name.removesuffix(".weight")
-                d = adapter.deltas[module]
-                if w.dim() != 2 or w.shape != (d.B.shape[0], d.A.shape[1]):
-                    raise QloraError(f"{path}: {name} has shape {tuple(w.shape)}; the adapter's "
-                                     f"{module} is {d.B.shape[0]}x{d.A.shape[1]} (another base model?)")
                 if base_weights == "dequantized":
                     w = (quant.nf4_roundtrip(w, src.quantization, src.double_quant, src.compute_dtype)
                          if name in quantized else w.to(src.compute_dtype))
-                norms[module] = frobenius_norm(w)
-                del w
+                norms[name.removesuffix(".weight")] = frobenius_norm(w)
+                del w  # one weight at a time
     return norms
 
 
@@ -305,9 +329,8 @@ def inspect_adapters(adapter: str | Path, other: str | Path | None = None, *,
                          + (" among --layers " + " ".join(layers) if layers else ""))
     norms1 = norms2 = None
     if base is not None:
-        norms1 = base_norms(first, modules, str(base), base_weights)
-        if second is not None:
-            norms2 = base_norms(second, common, str(base), base_weights)
+        wanted = [(first, modules)] + ([(second, common)] if second is not None else [])
+        norms1, norms2, *_ = base_norms(wanted, str(base), base_weights) + [None]
 
     report = Report(first, second, {}, groups, base_weights=base_weights if base else None)
     for m in modules:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
+import qlora.inspect_adapter as inspect_mod
 from qlora import quant
 from qlora.adapter import save_adapter
 from qlora.cli import main
@@ -199,11 +200,16 @@ def test_against_peft_delta_weights(tmp_path):
 
 
 @pytest.mark.parametrize("base_weights", ["dequantized", "original"])
-def test_relative_norm_on_a_real_base(stories, tmp_path, base_weights):
+def test_relative_norm_on_a_real_base(stories, tmp_path, base_weights, monkeypatch):
     """‖ΔW‖_F/‖W‖_F with W the NF4 weight training saw (load_model's layer, dequantized) or
-    the checkpoint's float32 weight."""
+    the checkpoint's float32 weight; for both adapters, in one pass over the base."""
     adapter = make_adapter(stories, tmp_path / "a")
-    report = inspect_adapters(adapter, base=stories, base_weights=base_weights)
+    other = make_adapter(stories, tmp_path / "b", r=4, seed=1)
+    passes = []
+    real = inspect_mod.weight_norms
+    monkeypatch.setattr(inspect_mod, "weight_norms", lambda *a: passes.append(a) or real(*a))
+    report = inspect_adapters(adapter, other, base=stories, base_weights=base_weights)
+    assert len(passes) == 1
     if base_weights == "dequantized":
         model = load_model(stories, device="cpu")  # nf4, double quant, bf16: training's defaults
         weights = {n: quant.dequantize(m) for n, m in model.named_modules() if isinstance(m, quant.Linear4bit)}
@@ -215,23 +221,32 @@ def test_relative_norm_on_a_real_base(stories, tmp_path, base_weights):
         want = delta / np.linalg.norm(weights[module].double().numpy())
         assert report.layers[module]["relative_norm"] == pytest.approx(want, rel=1e-9), module
         assert report.layers[module]["delta_norm"] == pytest.approx(delta, rel=1e-9)
+        A, B = factors(other)[module]
+        want = np.linalg.norm(4.0 * B.double().numpy() @ A.double().numpy()) / \
+            np.linalg.norm(weights[module].double().numpy())
+        assert report.layers[module]["other"]["relative_norm"] == pytest.approx(want, rel=1e-9), module
     assert report.base_weights == base_weights
 
 
 def test_relative_norm_uses_the_runs_quantization(stories, tmp_path):
-    """A run directory's recipe says fp4: W is the fp4 round trip, not nf4's."""
+    """A run directory's recipe says fp4: W is the fp4 round trip for its adapter; a bare
+    adapter folder next to it gets training's defaults (nf4, double quant, bf16)."""
     run = tmp_path / "run"
     make_adapter(stories, run / "adapter")
+    bare = make_adapter(stories, tmp_path / "bare", seed=1)
     (run / "recipe.yaml").write_text(
         f"model:\n  name_or_path: {stories}\n  quantization: fp4\n  double_quant: false\n"
         f"  compute_dtype: float16\ndata:\n  path: data.jsonl\ntrain:\n  output_dir: {run}\n")
-    report = inspect_adapters(run, base=stories, layers=["model.layers.1.mlp.up_proj"])
-    assert list(report.layers) == ["model.layers.1.mlp.up_proj"]
-    w = load_file(str(stories / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"]
-    A, B = factors(run / "adapter")["model.layers.1.mlp.up_proj"]
-    want = np.linalg.norm(2.0 * B.double().numpy() @ A.double().numpy()) / \
-        np.linalg.norm(quant.nf4_roundtrip(w, "fp4", False, torch.float16).double().numpy())
-    assert report.layers["model.layers.1.mlp.up_proj"]["relative_norm"] == pytest.approx(want, rel=1e-9)
+    module = "model.layers.1.mlp.up_proj"
+    report = inspect_adapters(run, bare, base=stories, layers=[module], out=tmp_path / "o")
+    assert list(report.layers) == [module]
+    w = load_file(str(stories / "model.safetensors"))[module + ".weight"]
+    for got, folder, seen in ((report.layers[module], run / "adapter", ("fp4", False, torch.float16)),
+                              (report.layers[module]["other"], bare, ("nf4", True, torch.bfloat16))):
+        A, B = factors(folder)[module]
+        want = np.linalg.norm(2.0 * B.double().numpy() @ A.double().numpy()) / \
+            np.linalg.norm(quant.nf4_roundtrip(w, *seen).double().numpy())
+        assert got["relative_norm"] == pytest.approx(want, rel=1e-9)
 
 
 # --------------------------------------------------------------------------- the command
@@ -327,7 +342,7 @@ def test_bad_inputs_fail_with_one_line(stories, tmp_path, capsys):
     fails(a, "--out", tmp_path / "o", match="nothing to write with one adapter")
     fails(a, "--base-weights", "original", match="--base-weights needs --base")
     # A base of another shape, and an adapter for another base.
-    fails(a, "--base", other_base, match="(another base model?)")
+    fails(a, "--base", other_base, match="(another base model?)")  # named before any weight is read
     fails(a, c, match=f"{c}: model.layers.0.mlp.down_proj has 64 inputs, {a} has 172")
     # An existing output is never replaced silently, nor an adapter by --force.
     out = tmp_path / "out"
