@@ -51,17 +51,23 @@ def factors(path):
             for m in mods}
 
 
+def fro(m: torch.Tensor) -> float:
+    """Plain float64 Frobenius norm of a whole matrix (the references build ΔW and W in full)."""
+    return torch.linalg.matrix_norm(m.double()).item()
+
+
 def numpy_sv(A, B, scaling):
     return np.linalg.svd(scaling * (B.double().numpy() @ A.double().numpy()), compute_uv=False)
 
 
-def numpy_phi(A1, A2):
-    """φ(A₁, A₂, i, j) = ‖U₁ⁱᵀ U₂ʲ‖²_F / min(i, j), one entry at a time (Hu et al. 2021, eq. 4)."""
-    U1 = np.linalg.svd(A1.double().numpy())[2].T  # (in, in): right-singular vectors as columns
-    U2 = np.linalg.svd(A2.double().numpy())[2].T
-    r1, r2 = A1.shape[0], A2.shape[0]
-    return np.array([[np.linalg.norm(U1[:, :i].T @ U2[:, :j]) ** 2 / min(i, j)
-                      for j in range(1, r2 + 1)] for i in range(1, r1 + 1)])
+def numpy_phi(A1, A2, rows=None, cols=None):
+    """φ(A₁, A₂, i, j) = ‖U₁ⁱᵀ U₂ʲ‖²_F / min(i, j), one entry at a time (Hu et al. 2021,
+    eq. 4), for i in `rows` and j in `cols` (default: all)."""
+    U1 = np.linalg.svd(A1.double().numpy(), full_matrices=False)[2].T  # (in, r₁): right-singular vectors
+    U2 = np.linalg.svd(A2.double().numpy(), full_matrices=False)[2].T
+    rows = rows or range(1, A1.shape[0] + 1)
+    cols = cols or range(1, A2.shape[0] + 1)
+    return np.array([[np.linalg.norm(U1[:, :i].T @ U2[:, :j]) ** 2 / min(i, j) for j in cols] for i in rows])
 
 
 class LargestTensor(TorchFunctionMode):
@@ -125,12 +131,23 @@ def test_singular_values_at_7b_width_match_numpy_svd():
                                rtol=1e-9, atol=1e-12 * want[0])
 
 
-def test_similarity_matches_the_papers_definition():
-    g = torch.Generator().manual_seed(0)
-    A1, A2 = torch.randn(8, 256, generator=g).bfloat16(), torch.randn(32, 256, generator=g).bfloat16()
+@pytest.mark.parametrize("r1,r2,in_f", [(8, 32, 256), (8, 64, 4096), (64, 16, 4096)])
+def test_similarity_matches_the_papers_definition(r1, r2, in_f):
+    """Random bf16 A factors, up to the paper's r 8 vs r 64 at a 7B width."""
+    g = torch.Generator().manual_seed(r1 + r2 + in_f)
+    A1, A2 = torch.randn(r1, in_f, generator=g).bfloat16(), torch.randn(r2, in_f, generator=g).bfloat16()
+    # Make A2 share part of A1's span, so that φ is far from the random-subspace level.
+    k = min(r1, r2) // 2
+    A2[:k] += 3 * A1[:k]
     got = subspace_similarity(A1, A2)
-    assert got.shape == (8, 32)
-    np.testing.assert_allclose(got.numpy(), numpy_phi(A1, A2), rtol=1e-10, atol=1e-12)
+    assert got.shape == (r1, r2)
+    # Every entry at the small size; a spread of them at 4096 (the reference is one GEMM each).
+    rows = None if in_f < 1000 else sorted({1, 2, 3, r1 // 2, r1 - 1, r1})
+    cols = None if in_f < 1000 else sorted({1, 2, 5, r2 // 2, r2 - 1, r2})
+    want = numpy_phi(A1, A2, rows, cols)
+    got = got.numpy() if rows is None else got.numpy()[np.ix_([i - 1 for i in rows], [j - 1 for j in cols])]
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert want.max() > 0.3  # the shared span shows (random subspaces would give ~r/in)
 
 
 def test_similarity_known_properties():
@@ -217,13 +234,12 @@ def test_relative_norm_on_a_real_base(stories, tmp_path, base_weights, monkeypat
         weights = {k.removesuffix(".weight"): v for k, v in load_file(str(stories / "model.safetensors")).items()}
     assert len(report.layers) == 35
     for module, (A, B) in factors(adapter).items():
-        delta = np.linalg.norm(2.0 * B.double().numpy() @ A.double().numpy())
-        want = delta / np.linalg.norm(weights[module].double().numpy())
+        delta = fro(2.0 * B.double() @ A.double())
+        want = delta / fro(weights[module].double())
         assert report.layers[module]["relative_norm"] == pytest.approx(want, rel=1e-9), module
         assert report.layers[module]["delta_norm"] == pytest.approx(delta, rel=1e-9)
         A, B = factors(other)[module]
-        want = np.linalg.norm(4.0 * B.double().numpy() @ A.double().numpy()) / \
-            np.linalg.norm(weights[module].double().numpy())
+        want = fro(4.0 * B.double() @ A.double()) / fro(weights[module].double())
         assert report.layers[module]["other"]["relative_norm"] == pytest.approx(want, rel=1e-9), module
     assert report.base_weights == base_weights
 
@@ -244,8 +260,7 @@ def test_relative_norm_uses_the_runs_quantization(stories, tmp_path):
     for got, folder, seen in ((report.layers[module], run / "adapter", ("fp4", False, torch.float16)),
                               (report.layers[module]["other"], bare, ("nf4", True, torch.bfloat16))):
         A, B = factors(folder)[module]
-        want = np.linalg.norm(2.0 * B.double().numpy() @ A.double().numpy()) / \
-            np.linalg.norm(quant.nf4_roundtrip(w, *seen).double().numpy())
+        want = fro(2.0 * B.double() @ A.double()) / fro(quant.nf4_roundtrip(w, *seen).double())
         assert got["relative_norm"] == pytest.approx(want, rel=1e-9)
 
 
