@@ -33,12 +33,13 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .adapter import CONFIG_NAME, read_adapter_config
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from .atomic import write_atomically
 from .checkpoint import latest_checkpoint
 from .errors import QloraError
@@ -169,12 +170,17 @@ def read_adapter(path: str | Path) -> Adapter:
     deltas, scaling = read_adapter_deltas(folder)
     if not deltas:
         raise QloraError(f"{folder}: the adapter holds no LoRA factors")
-    modules = {name.removesuffix(".weight"): d for name, d in sorted(deltas.items())}
+    modules = {m: deltas[m + ".weight"] for m in module_order(n.removesuffix(".weight") for n in deltas)}
     for module, d in modules.items():
         if d.A.dim() != 2 or d.B.dim() != 2 or d.A.shape[0] != d.B.shape[1]:
-            raise QloraError(f"{folder}: {module} has factors A {tuple(d.A.shape)} and "
+            raise QloraError(f"{folder / WEIGHTS_NAME}: {module} has factors A {tuple(d.A.shape)} and "
                              f"B {tuple(d.B.shape)}; expected A (r, in) and B (out, r)")
     return Adapter(str(path), folder, settings.r, settings.alpha, scaling, modules)
+
+
+def module_order(modules) -> list[str]:
+    """Sorted with layer numbers as numbers: layers.2 before layers.10."""
+    return sorted(modules, key=lambda m: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", m)])
 
 
 def select_modules(modules: list[str], layers: list[str] | None, where: Path) -> dict[str, list[str]]:
@@ -332,7 +338,7 @@ def inspect_adapters(adapter: str | Path, other: str | Path | None = None, *,
                 raise QloraError(f"{out}: output folder would replace the adapter {a.folder}")
 
     groups = select_modules(list(first.deltas), layers, first.folder)
-    modules = sorted({m for picked in groups.values() for m in picked})
+    modules = module_order({m for picked in groups.values() for m in picked})
     common = [m for m in modules if second is not None and m in second.deltas]
     if second is not None and not common:
         raise QloraError(f"{second.folder}: no adapted module in common with {first.folder}"
@@ -349,7 +355,7 @@ def inspect_adapters(adapter: str | Path, other: str | Path | None = None, *,
         return report
 
     picked_other = {m for m in second.deltas if any(_matches(m, sel) for sel in groups)}
-    report.skipped = sorted(set(modules) ^ picked_other)
+    report.skipped = module_order(set(modules) ^ picked_other)
     for m in common:
         a1, a2 = first.deltas[m].A, second.deltas[m].A
         if a1.shape[1] != a2.shape[1]:
@@ -438,12 +444,13 @@ def format_report(report: Report) -> str:
         line = (f"{m:<{width}}  {sv[0]:9.4g} {sv[1]:9.4g} {sv[2]:9.4g}  {s['effective_rank']:6.2f} "
                 f"{s['rank_above_1pct']:7d}  {s['delta_norm']:9.4g}")
         lines.append(line + (f"  {s['relative_norm']:.4g}" if rel else ""))
-    lines += ["", "per selector (mean over its layers): erank, rank>1%" + (", ‖ΔW‖/‖W‖" if rel else "")]
+    lines += ["", "mean over each selector's layers:"]
     for sel, picked in report.groups.items():
         stats = [report.layers[m] for m in picked]
         mean = lambda k: sum(s[k] for s in stats) / len(stats)  # noqa: E731
-        lines.append(f"  {sel}: {len(picked)} layer{'s' * (len(picked) != 1)}, {mean('effective_rank'):.2f}, "
-                     f"{mean('rank_above_1pct'):.1f}" + (f", {mean('relative_norm'):.4g}" if rel else ""))
+        lines.append(f"  {sel} ({len(picked)} layer{'s' * (len(picked) != 1)}): erank "
+                     f"{mean('effective_rank'):.2f}, rank>1% {mean('rank_above_1pct'):.1f}"
+                     + (f", ‖ΔW‖/‖W‖ {mean('relative_norm'):.4g}" if rel else ""))
     for sel, group in report.similarity.items():
         phi = group.mean
         rows, cols = _ticks(phi.shape[0]), _ticks(phi.shape[1])

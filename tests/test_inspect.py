@@ -387,3 +387,9 @@ def test_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for text in ("--base", "--base-weights", "--layers", "--json", "--out", "--force", "OTHER".lower()):
         assert text in out, text
+
+
+def test_layers_are_listed_in_numeric_order():
+    assert inspect_mod.module_order(["model.layers.10.mlp.up_proj", "model.layers.2.self_attn.q_proj",
+                                     "model.layers.2.mlp.up_proj"]) == [
+        "model.layers.2.mlp.up_proj", "model.layers.2.self_attn.q_proj", "model.layers.10.mlp.up_proj"]
