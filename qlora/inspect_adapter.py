@@ -49,6 +49,7 @@ from .safetensors_io import checkpoint_files, read_header, read_tensor, tensor_n
 
 RANK_RTOL = 0.01  # `rank_above_1pct`: σᵢ > 1% of σ₁
 BASE_WEIGHTS = ("dequantized", "original")
+SVD_RTOL = 1e-6  # right_singular_vectors divides by σᵢ only while σ_min > 1e-6·σ₁
 NORM_ROWS = 512  # rows per float64 chunk when taking ‖W‖_F (16 MB at in 4096)
 
 
@@ -98,12 +99,18 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
 def right_singular_vectors(A: torch.Tensor) -> torch.Tensor:
     """The right-singular vectors of a wide A (r, in) as rows, descending σ, float64.
 
-    Through the r×r core again: Aᵀ = Q R gives A = Rᵀ Qᵀ, and with Rᵀ = U Σ Wᵀ,
-    A = U Σ (Q W)ᵀ. LAPACK's SVD of the wide matrix itself is ~50x slower at r 64, in 4096.
+    Through the r×r core again: Aᵀ = Q R gives A = Rᵀ Qᵀ, and with Rᵀ = U Σ Wᵀ the SVD is
+    A = U Σ (Q W)ᵀ, so Vᵀ = Σ⁻¹ Uᵀ A: one (r, r) × (r, in) product, Q never formed. Dividing
+    by σᵢ costs about log10(σ₁/σᵢ) of float64's 16 digits, so a (nearly) rank-deficient A takes
+    Vᵀ = Wᵀ Qᵀ with Q built explicitly instead (no division; forming Q is the slow part).
+    LAPACK's SVD of the wide matrix itself is the slowest of the three.
     """
-    q, r = torch.linalg.qr(A.double().T)  # Aᵀ: (in, r) = Q (in, r) R (r, r)
-    wt = torch.linalg.svd(r.T, full_matrices=False).Vh  # Wᵀ: (r, r)
-    return wt @ q.T  # (Q W)ᵀ: (r, in)
+    a = A.double()
+    r = torch.linalg.qr(a.T, mode="r").R  # Aᵀ: (in, r) = Q (in, k) R (k, r), k = min(in, r)
+    u, s, wt = torch.linalg.svd(r.T, full_matrices=False)  # Rᵀ (r, k) = U Σ Wᵀ
+    if s.numel() and s[-1] > SVD_RTOL * s[0]:
+        return (u.T @ a) / s[:, None]  # (k, in)
+    return wt @ torch.linalg.qr(a.T).Q.T  # (k, k) @ (k, in)
 
 
 def frobenius_norm(w: torch.Tensor, rows: int = NORM_ROWS) -> float:

@@ -171,6 +171,22 @@ def test_similarity_known_properties():
     assert phi.min() >= 0 and phi.max() <= 1 + 1e-12
 
 
+def test_right_singular_vectors_of_rank_deficient_factors(monkeypatch):
+    """An A with 4 independent rows of 8 takes the division-free route (explicit Q): the rows
+    stay orthonormal, the top 4 span A's row space; both routes agree where both apply."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(8, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 300, generator=g, dtype=torch.float64)
+    v = inspect_mod.right_singular_vectors(low)
+    torch.testing.assert_close(v @ v.T, torch.eye(8, dtype=torch.float64))
+    torch.testing.assert_close(low @ v[:4].T @ v[:4], low)
+    torch.testing.assert_close(subspace_similarity(low, low).diagonal(), torch.ones(8, dtype=torch.float64))
+    A = torch.randn(16, 300, generator=g).bfloat16()
+    fast = inspect_mod.right_singular_vectors(A)
+    monkeypatch.setattr(inspect_mod, "SVD_RTOL", 2.0)  # no spectrum passes: always the Q route
+    slow = inspect_mod.right_singular_vectors(A)
+    torch.testing.assert_close((fast * slow).sum(1).abs(), torch.ones(16, dtype=torch.float64))  # ± sign
+
+
 def test_effective_rank_on_constructed_spectra():
     t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     assert effective_rank(t(3, 3, 3, 3, 0, 0)) == pytest.approx(4)  # k equal values -> k
