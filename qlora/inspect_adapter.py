@@ -2,30 +2,17 @@
 
     report = inspect_adapters("runs/r8", "runs/r64", base="models/llama-7b")
 
-Per adapted layer, the update is ΔW = scaling·B·A with B (out, r) and A (r, in). It has at
-most r non-zero singular values, and they are those of a small r×r core: with the thin QR
-factorizations B = Q_B R_B and Aᵀ = Q_A R_A,
+The math and its definitions live in rank_analysis.py; this module reads the adapters and
+the base weights, assembles the report and writes the heat-maps. Per layer (the `--json` keys):
 
-    ΔW = scaling · Q_B (R_B R_Aᵀ) Q_Aᵀ
-
-and Q_B, Q_A have orthonormal columns, so σ(ΔW) = |scaling|·σ(R_B R_Aᵀ). Only the R factors
-are ever formed (float64, (r, r)); memory is the two factors in float64, never out×in.
-
-What is reported (all definitions in one place, the README quotes them):
-
-* `singular_values`: σ₁ ≥ σ₂ ≥ ... of ΔW, min(r, out, in) of them;
-* `effective_rank`: Roy & Vetterli's entropy effective rank exp(−Σ pᵢ log pᵢ) with
-  pᵢ = σᵢ/Σσ: 1 for a rank-one update, k for k equal singular values, in between otherwise
-  (0 for an all-zero update, e.g. an untrained adapter whose B is still zero);
-* `rank_above_1pct`: how many σᵢ exceed 1% of σ₁ (a threshold rank: directions that matter);
+* `singular_values`: σ₁ ≥ σ₂ ≥ ... of ΔW = scaling·B·A, min(r, out, in) of them;
+* `effective_rank`: the entropy effective rank; `rank_above_1pct`: how many σᵢ > 1% of σ₁;
 * `delta_norm`: ‖ΔW‖_F = sqrt(Σσ²);
-* `relative_norm` (with a base model): ‖ΔW‖_F / ‖W‖_F, with W the weight as training saw it
+* `relative_norm` (with a base model): ‖ΔW‖_F / ‖W‖_F, W the weight as training saw it
   (re-quantized exactly as training quantized it: export's "dequantized" base) or the original
   checkpoint weight; the base is streamed one tensor at a time;
-* `similarity` (two adapters): the LoRA paper's normalized subspace similarity (Hu et al. 2021,
-  section 7.2) φ(A₁, A₂, i, j) = ‖U₁ⁱᵀ U₂ʲ‖²_F / min(i, j), U the right-singular vectors of A
-  (its top i and j), in [0, 1]: 1 when one span contains the other, 0 when they are
-  orthogonal, about max(i, j)/in for unrelated random subspaces.
+* `similarity` (two adapters): φ(A₁, A₂, i, j) as rows i = 1..r₁ of columns j = 1..r₂;
+* `other` (two adapters): OTHER's singular values, ranks and norms for the same module.
 """
 
 from __future__ import annotations
@@ -45,80 +32,11 @@ from .checkpoint import latest_checkpoint
 from .errors import QloraError
 from .export import (Delta, Source, _check_out, quantized_weight_names, read_adapter_deltas,
                      resolve_source)
+from .rank_analysis import (delta_singular_values, effective_rank, frobenius_norm,
+                            subspace_similarity, threshold_rank)
 from .safetensors_io import checkpoint_files, read_header, read_tensor, tensor_names
 
-RANK_RTOL = 0.01  # `rank_above_1pct`: σᵢ > 1% of σ₁
 BASE_WEIGHTS = ("dequantized", "original")
-SVD_RTOL = 1e-6  # right_singular_vectors divides by σᵢ only while σ_min > 1e-6·σ₁
-NORM_ROWS = 512  # rows per float64 chunk when taking ‖W‖_F (16 MB at in 4096)
-
-
-# --------------------------------------------------------------------------- the math
-
-
-def delta_singular_values(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """σ of scaling·B·A, descending, float64, through the r×r core (never out×in)."""
-    # mode="r": the Q factors are never built either; R is (min(n, r), r).
-    r_b = torch.linalg.qr(B.double(), mode="r").R  # B: (out, r) -> R_B (r', r)
-    r_a = torch.linalg.qr(A.double().T, mode="r").R  # Aᵀ: (in, r) -> R_A (r'', r)
-    return abs(scaling) * torch.linalg.svdvals(r_b @ r_a.T)  # (r', r'') core
-
-
-def effective_rank(sv: torch.Tensor) -> float:
-    """Entropy effective rank (Roy & Vetterli 2007) of a spectrum; 0 when it is all zero."""
-    total = sv.double().sum()
-    if total <= 0:
-        return 0.0
-    p = sv.double() / total
-    p = p[p > 0]  # 0·log 0 = 0
-    return math.exp(-(p * p.log()).sum().item())
-
-
-def threshold_rank(sv: torch.Tensor, rtol: float = RANK_RTOL) -> int:
-    """How many singular values exceed `rtol`·σ₁ (0 for an all-zero spectrum)."""
-    if sv.numel() == 0 or sv.max() <= 0:
-        return 0
-    return int((sv > rtol * sv.max()).sum())
-
-
-def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
-    """φ(A₁, A₂, i, j) for all i ≤ r₁, j ≤ r₂ as an (r₁, r₂) float64 matrix (row i−1, column j−1).
-
-    With V₁, V₂ the right-singular vectors of A₁ (r₁, in), A₂ (r₂, in) as rows (descending σ),
-    ‖U₁ⁱᵀ U₂ʲ‖²_F is the sum of M² over the top-left i×j block of M = V₁ V₂ᵀ: a 2-D cumsum.
-    """
-    if A1.shape[1] != A2.shape[1]:
-        raise ValueError(f"A factors of different input widths: {A1.shape[1]} vs {A2.shape[1]}")
-    v1, v2 = right_singular_vectors(A1), right_singular_vectors(A2)  # (r₁, in), (r₂, in)
-    overlap = (v1 @ v2.T).square().cumsum(0).cumsum(1)  # (r₁, r₂)
-    i = torch.arange(1, overlap.shape[0] + 1, dtype=torch.float64)
-    j = torch.arange(1, overlap.shape[1] + 1, dtype=torch.float64)
-    return overlap / torch.minimum(i[:, None], j[None, :])
-
-
-def right_singular_vectors(A: torch.Tensor) -> torch.Tensor:
-    """The right-singular vectors of a wide A (r, in) as rows, descending σ, float64.
-
-    Through the r×r core again: Aᵀ = Q R gives A = Rᵀ Qᵀ, and with Rᵀ = U Σ Wᵀ the SVD is
-    A = U Σ (Q W)ᵀ, so Vᵀ = Σ⁻¹ Uᵀ A: one (r, r) × (r, in) product, Q never formed. Dividing
-    by σᵢ costs about log10(σ₁/σᵢ) of float64's 16 digits, so a (nearly) rank-deficient A takes
-    Vᵀ = Wᵀ Qᵀ with Q built explicitly instead (no division; forming Q is the slow part).
-    LAPACK's SVD of the wide matrix itself is the slowest of the three.
-    """
-    a = A.double()
-    r = torch.linalg.qr(a.T, mode="r").R  # Aᵀ: (in, r) = Q (in, k) R (k, r), k = min(in, r)
-    u, s, wt = torch.linalg.svd(r.T, full_matrices=False)  # Rᵀ (r, k) = U Σ Wᵀ
-    if s.numel() and s[-1] > SVD_RTOL * s[0]:
-        return (u.T @ a) / s[:, None]  # (k, in)
-    return wt @ torch.linalg.qr(a.T).Q.T  # (k, k) @ (k, in)
-
-
-def frobenius_norm(w: torch.Tensor, rows: int = NORM_ROWS) -> float:
-    """‖w‖_F accumulated in float64 a few rows at a time (no float64 copy of the whole weight)."""
-    total = 0.0
-    for chunk in w.reshape(w.shape[0], -1).split(rows):
-        total += torch.linalg.vector_norm(chunk, dtype=torch.float64).item() ** 2
-    return math.sqrt(total)
 
 
 # --------------------------------------------------------------------------- the inputs
@@ -350,10 +268,16 @@ def inspect_adapters(adapter: str | Path, other: str | Path | None = None, *,
     if second is not None and not common:
         raise QloraError(f"{second.folder}: no adapted module in common with {first.folder}"
                          + (" among --layers " + " ".join(layers) if layers else ""))
+    for m in common:  # before any work on the base
+        in1, in2 = first.deltas[m].A.shape[1], second.deltas[m].A.shape[1]
+        if in1 != in2:
+            raise QloraError(f"{second.folder}: {m} has {in2} inputs, {first.folder} has {in1}: "
+                             "the adapters are not for the same base model")
     norms1 = norms2 = None
     if base is not None:
         wanted = [(first, modules)] + ([(second, common)] if second is not None else [])
-        norms1, norms2, *_ = base_norms(wanted, str(base), base_weights) + [None]
+        norms = base_norms(wanted, str(base), base_weights)
+        norms1, norms2 = norms[0], (norms[1] if second is not None else None)
 
     report = Report(first, second, {}, groups, base_weights=base_weights if base else None)
     for m in modules:
@@ -364,12 +288,7 @@ def inspect_adapters(adapter: str | Path, other: str | Path | None = None, *,
     picked_other = {m for m in second.deltas if any(_matches(m, sel) for sel in groups)}
     report.skipped = module_order(set(modules) ^ picked_other)
     for m in common:
-        a1, a2 = first.deltas[m].A, second.deltas[m].A
-        if a1.shape[1] != a2.shape[1]:
-            raise QloraError(f"{second.folder}: {m} has {a2.shape[1]} inputs, {first.folder} has "
-                             f"{a1.shape[1]}: the adapters are not for the same base model")
-        phi = subspace_similarity(a1, a2)
-        report.layers[m]["similarity"] = phi.tolist()
+        report.layers[m]["similarity"] = subspace_similarity(first.deltas[m].A, second.deltas[m].A).tolist()
         report.layers[m]["other"] = layer_stats(second.deltas[m], second.scaling, norms2[m] if norms2 else None)
     for sel, picked in groups.items():
         both = [m for m in picked if m in second.deltas]

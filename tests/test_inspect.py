@@ -1,4 +1,4 @@
-"""`qlora inspect`: singular values of ΔW through the r×r core, effective rank, ‖ΔW‖/‖W‖ and
+"""`qlora inspect` (qlora/inspect_adapter.py, qlora/rank_analysis.py): singular values of ΔW through the r×r core, effective rank, ‖ΔW‖/‖W‖ and
 the LoRA paper's subspace similarity φ.
 
 References: numpy's SVD of the full scaling·B@A in float64, a loop straight from the paper's
@@ -18,12 +18,14 @@ from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
 import qlora.inspect_adapter as inspect_mod
+import qlora.rank_analysis as rank_mod
 from qlora import quant
 from qlora.adapter import save_adapter
 from qlora.cli import main
 from qlora.errors import QloraError
-from qlora.inspect_adapter import (delta_singular_values, effective_rank, frobenius_norm,
-                                   inspect_adapters, subspace_similarity, threshold_rank)
+from qlora.inspect_adapter import inspect_adapters
+from qlora.rank_analysis import (delta_singular_values, effective_rank, frobenius_norm,
+                                 right_singular_vectors, subspace_similarity, threshold_rank)
 from qlora.lora import LoraSettings, add_lora, lora_layers
 from qlora.model import load_model
 
@@ -176,14 +178,14 @@ def test_right_singular_vectors_of_rank_deficient_factors(monkeypatch):
     stay orthonormal, the top 4 span A's row space; both routes agree where both apply."""
     g = torch.Generator().manual_seed(0)
     low = torch.randn(8, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 300, generator=g, dtype=torch.float64)
-    v = inspect_mod.right_singular_vectors(low)
+    v = right_singular_vectors(low)
     torch.testing.assert_close(v @ v.T, torch.eye(8, dtype=torch.float64))
     torch.testing.assert_close(low @ v[:4].T @ v[:4], low)
     torch.testing.assert_close(subspace_similarity(low, low).diagonal(), torch.ones(8, dtype=torch.float64))
     A = torch.randn(16, 300, generator=g).bfloat16()
-    fast = inspect_mod.right_singular_vectors(A)
-    monkeypatch.setattr(inspect_mod, "SVD_RTOL", 2.0)  # no spectrum passes: always the Q route
-    slow = inspect_mod.right_singular_vectors(A)
+    fast = right_singular_vectors(A)
+    monkeypatch.setattr(rank_mod, "SVD_RTOL", 2.0)  # no spectrum passes: always the Q route
+    slow = right_singular_vectors(A)
     torch.testing.assert_close((fast * slow).sum(1).abs(), torch.ones(16, dtype=torch.float64))  # ± sign
 
 
