@@ -170,12 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="rank analysis of an adapter; subspace similarity of two",
                        description="Per adapted layer: the singular values of scaling*B*A (through the "
                                    "r x r core, never the full matrix), entropy effective rank, how many exceed "
-                                   "1%% of the largest, and with --base ||dW||/||W||. With OTHER: the LoRA paper's "
+                                   "1% of the largest, and with --base ||dW||/||W||. With OTHER: the LoRA paper's "
                                    "subspace similarity phi(A1, A2, i, j) as a table and one heat-map PNG per "
                                    "layer type.")
-    i.add_argument("adapter", help="run directory, checkpoint directory or adapter directory")
-    i.add_argument("other", nargs="?", help="a second adapter to compare with (same base model)")
-    i.add_argument("--base", help="base model: also report ||dW||_F / ||W||_F (streamed tensor by tensor)")
+    i.add_argument("adapter", metavar="ADAPTER", help="run directory, checkpoint directory or adapter directory")
+    i.add_argument("other", metavar="OTHER", nargs="?", help="a second adapter to compare with (same base model)")
+    i.add_argument("--base", metavar="MODEL", help="base model: also report ||dW||_F / ||W||_F (streamed tensor by tensor)")
     i.add_argument("--base-weights", choices=["dequantized", "original"], default=None,
                    help="W as training saw it, re-quantized with the run's settings (default), or the "
                         "original checkpoint weight")
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: every type)")
     i.add_argument("--json", action="store_true",
                    help='print {"layers": {MODULE: {"singular_values": [...], "similarity": [[...]]...}}}')
-    i.add_argument("--out", help="folder for the heat-maps and tables (two adapters; default: "
+    i.add_argument("--out", metavar="DIR", help="folder for the heat-maps and tables (two adapters; default: "
                                  "inspect-NAME1-vs-NAME2 beside the first adapter's folder)")
     i.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     i.set_defaults(func=_inspect)

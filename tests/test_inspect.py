@@ -403,7 +403,7 @@ def test_help_lists_the_options(capsys):
         main(["inspect", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for text in ("--base", "--base-weights", "--layers", "--json", "--out", "--force", "OTHER".lower()):
+    for text in ("--base", "--base-weights", "--layers", "--json", "--out", "--force", "ADAPTER", "OTHER", "1% of"):
         assert text in out, text
 
 
