@@ -135,6 +135,8 @@ def setup(recipe: Recipe, resume: bool = False) -> Run:
                    f"trainable {counts['trainable']:,} of {counts['total']:,} parameters "
                    f"({100 * counts['trainable'] / counts['total']:.2f}%); {total} steps; "
                    f"loaded in {load['load_seconds']:.0f} s, peak {load['load_peak_mem_gb']:.2f} GiB")
+        for line in stats.report(r.data.path):
+            tqdm.write(f"qlora: {line}")
         if keep:
             tqdm.write(f"qlora: checkpointing keeps the 4-bit matmul outputs of "
                        f"{keep} of {len(decoder_layers(model))} layers")
