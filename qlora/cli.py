@@ -33,7 +33,7 @@ def _train(args) -> None:
     else:
         raise QloraError("train needs a RECIPE file or --resume RUN_DIR")
     _check_paths(recipe)
-    summary = train(recipe, resume=bool(args.resume))
+    summary = train(recipe, resume=bool(args.resume), overwrite=args.overwrite)
     line = f"done: {summary['steps']} steps; adapter in {Path(summary['run_dir']) / 'adapter'}"
     if "eval_loss" in summary:
         line += f"; eval loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f})"
@@ -126,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune a model from a YAML recipe.", epilog=_recipe_help())
     t.add_argument("recipe", nargs="?", help="recipe YAML file (see recipes/)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest complete checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest intact checkpoint (a run that stopped before "
+                        "its first checkpoint starts over)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in train.output_dir instead of refusing to touch it")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (repeatable), e.g. --set train.max_steps=100")
     t.set_defaults(func=_train)

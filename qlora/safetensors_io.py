@@ -45,6 +45,22 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def check_intact(path: Path) -> None:
+    """Raise a one-line QloraError when `path` is not a whole safetensors file: unreadable
+    header, a header that is not a tensor table, or data cut short (a copy or save that was
+    killed). Reads only the header."""
+    if not Path(path).is_file():
+        raise QloraError(f"{path}: file is missing")
+    try:
+        header, start = read_header(path)
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    except (KeyError, TypeError, IndexError, AttributeError, struct.error):
+        raise QloraError(f"{path}: not a safetensors file (malformed header)") from None
+    size = Path(path).stat().st_size
+    if size < start + end:
+        raise QloraError(f"{path}: truncated ({size:,} of {start + end:,} bytes)")
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a Hugging Face checkpoint folder, sharded or single.
 

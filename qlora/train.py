@@ -34,6 +34,8 @@ from .model import (DTYPES, decoder_layers, enable_gradient_checkpointing, load_
                     load_tokenizer, matmul_layers_within)
 from .memory import release_if_grown, release_memory_per_layer
 from .optim import LossScaler, build_optimizer, build_scheduler
+from .run_dir import plan_run_dir
+from .run_dir import prepare as prepare_run_dir
 
 
 @dataclass
@@ -64,13 +66,18 @@ class Run:
 
 # ----------------------------------------------------------------------------- setup
 
-def setup(recipe: Recipe, resume: bool = False) -> Run:
+def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Run:
     r, t = recipe, recipe.train
     run_dir = Path(t.output_dir)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    if acc.is_main_process:
-        _check_run_dir(run_dir, resume)
+    plan = plan_run_dir(run_dir, resume, overwrite)  # every process reads the same folder ...
     acc.wait_for_everyone()
+    if acc.is_main_process:  # ... before the main one changes it
+        for note in plan.notes:
+            tqdm.write(f"qlora: {note}")
+        prepare_run_dir(plan)
+    acc.wait_for_everyone()
+    resume = plan.action == "resume"
 
     tokenizer = load_tokenizer(r.model.tokenizer or r.model.name_or_path)
     ensure_pad_token(tokenizer)
@@ -116,7 +123,7 @@ def setup(recipe: Recipe, resume: bool = False) -> Run:
               state={"step": 0, "skipped_steps": 0, "data": vars(stats)})
     resume_step = None
     if resume:
-        path = _resume(run)
+        path = _resume(run, plan.checkpoint)
         resume_step = run.state["step"]
     elif acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -143,17 +150,7 @@ def setup(recipe: Recipe, resume: bool = False) -> Run:
     return run
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume:
-        if ckpt.latest_checkpoint(run_dir) is None:
-            raise QloraError(f"{run_dir}: no complete checkpoint to resume from")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise QloraError(f"{run_dir}: output_dir already holds a run; resume it with "
-                         f"`qlora train --resume {run_dir}` or choose another train.output_dir")
-
-
-def _resume(run: Run) -> Path:
-    path = ckpt.latest_checkpoint(run.run_dir)
+def _resume(run: Run, path: Path) -> Path:
     state = ckpt.load_checkpoint(path, run.model, run.optimizer, run.scheduler,
                                  run.acc.process_index, run.acc.num_processes)
     run.state.update(state)
@@ -426,8 +423,10 @@ def _check_replicas_agree(run: Run) -> None:
                            f"at step {run.state['step']} (fingerprints {lo.tolist()} vs {hi.tolist()})")
 
 
-def train(recipe: Recipe, resume: bool = False) -> dict:
-    run = setup(recipe, resume=resume)
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train from `recipe`; `resume` continues its output_dir from the newest intact
+    checkpoint, `overwrite` replaces the run there (see run_dir.py for every case)."""
+    run = setup(recipe, resume=resume, overwrite=overwrite)
     return fit(run)
 
 

@@ -249,8 +249,10 @@ def test_existing_run_dir_is_refused(stories, alpaca_slice, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(QloraError, match="already holds a run"):
+    with pytest.raises(QloraError, match="holds files that are not a qlora run"):
         setup(make_recipe(stories, alpaca_slice, out))
+    with pytest.raises(QloraError, match="not a qlora run; --overwrite only replaces runs"):
+        setup(make_recipe(stories, alpaca_slice, out), overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
 
 
