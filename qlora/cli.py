@@ -211,8 +211,19 @@ def _recipe_help() -> str:
         return ""
 
 
+def _quiet_libraries() -> None:
+    """Our own lines say what each phase did; `datasets` would add a progress bar per file,
+    split, filter and map on every run."""
+    try:
+        import datasets
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         args.func(args)
     except QloraError as e:

@@ -125,7 +125,8 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Run:
     if resume:
         path = _resume(run, plan.checkpoint)
         resume_step = run.state["step"]
-    elif acc.is_main_process:
+    if acc.is_main_process:
+        # on resume too: `--resume --set train.max_steps=70` must be what the next resume reads
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(r, run_dir / "recipe.yaml")
     run.log = MetricsLog(run_dir, acc.is_main_process, resume_step=resume_step)
@@ -144,6 +145,10 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Run:
                    f"loaded in {load['load_seconds']:.0f} s, peak {load['load_peak_mem_gb']:.2f} GiB")
         for line in stats.report(r.data.path):
             tqdm.write(f"qlora: {line}")
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions and r.data.max_seq_len > positions:
+            tqdm.write(f"qlora: warning: data.max_seq_len {r.data.max_seq_len} exceeds the model's "
+                       f"max_position_embeddings {positions}: positions beyond it were never trained")
         if keep:
             tqdm.write(f"qlora: checkpointing keeps the 4-bit matmul outputs of "
                        f"{keep} of {len(decoder_layers(model))} layers")

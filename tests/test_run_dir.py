@@ -96,3 +96,14 @@ def test_output_dir_that_is_a_file_fails_before_loading(recipe, tmp_path, capsys
     assert main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"qlora: error: train.output_dir: {tmp_path / 'run'} is a file, not a folder"
+
+
+def test_resume_remembers_its_overrides_and_long_sequences_warn(recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--set", "train.max_steps=2", "--set", "data.max_seq_len=600"]) == 0
+    out = "".join(capsys.readouterr())
+    assert "data.max_seq_len 600 exceeds the model's max_position_embeddings 512" in out
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=3"]) == 0
+    # the next resume (or a reader of the run) sees the total the run now has
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["max_steps"] == 3
+    assert [p.name for p in ckpt.list_checkpoints(run)][-1] == "checkpoint-000003"
