@@ -36,6 +36,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A local checkpoint folder; hub names (`owner/name`) are downloaded when online."""
     path = Path(name_or_path).expanduser()
+    if path.is_file():
+        raise QloraError(f"{path}: a file; a model is a folder with config.json and safetensors "
+                         "weights (or a hub id)")
     if path.exists():
         if not (path / "config.json").is_file():
             raise QloraError(f"{path}: not a model folder (no config.json)")
@@ -204,6 +207,11 @@ def load_model(name_or_path: str | Path, *, quantization: str = "nf4", double_qu
         folder, stamp, wanted = cache
         save_cache(model, folder, path, path, stamp, wanted, dtype_name)
     return model
+
+
+def model_config(name_or_path: str | Path):
+    """The model's config.json as a transformers config, without reading any weight."""
+    return _read_config(resolve_model_path(name_or_path))
 
 
 def _read_config(path: Path):

@@ -30,7 +30,7 @@ from .generate import generate
 from .lora import LoraSettings, add_lora, trainable_report
 from .loss import lm_loss_sum
 from .metrics import MetricsLog, device_used_gb, peak_memory_gb, plot_loss, reset_peak_memory
-from .model import (DTYPES, decoder_layers, enable_gradient_checkpointing, load_model,
+from .model import (DTYPES, decoder_layers, enable_gradient_checkpointing, load_model, model_config,
                     load_tokenizer, matmul_layers_within)
 from .memory import release_if_grown, release_memory_per_layer
 from .optim import LossScaler, build_optimizer, build_scheduler
@@ -71,16 +71,10 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Run:
     run_dir = Path(t.output_dir)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     plan = plan_run_dir(run_dir, resume, overwrite)  # every process reads the same folder ...
-    acc.wait_for_everyone()
-    if acc.is_main_process:  # ... before the main one changes it
-        for note in plan.notes:
-            tqdm.write(f"qlora: {note}")
-        prepare_run_dir(plan)
-    acc.wait_for_everyone()
-    resume = plan.action == "resume"
-
+    config = model_config(r.model.name_or_path)  # a bad model path fails before the tokenizer
     tokenizer = load_tokenizer(r.model.tokenizer or r.model.name_or_path)
     ensure_pad_token(tokenizer)
+    _check_against_model(r, tokenizer, config)
     t0 = time.perf_counter()
     # The main process tokenizes into the datasets cache first; the others then read it
     # instead of all writing the same cache files at once.
@@ -93,6 +87,13 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Run:
             config_name=r.data.config_name)
     if len(train_ds) == 0:
         raise QloraError(f"{r.data.path}: no training example left after tokenization")
+    acc.wait_for_everyone()
+    if acc.is_main_process:  # ... before the main one changes it, once the inputs passed
+        for note in plan.notes:
+            tqdm.write(f"qlora: {note}")
+        prepare_run_dir(plan)
+    acc.wait_for_everyone()
+    resume = plan.action == "resume"
 
     torch.manual_seed(t.seed)  # identical LoRA init on every process
     model = load_model(r.model.name_or_path, quantization=r.model.quantization,
@@ -153,6 +154,20 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Run:
             tqdm.write(f"qlora: checkpointing keeps the 4-bit matmul outputs of "
                        f"{keep} of {len(decoder_layers(model))} layers")
     return run
+
+
+def _check_against_model(r: Recipe, tokenizer, config) -> None:
+    """What the model's config.json rules out, checked before any weight or row is read."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:
+        raise QloraError(f"model.tokenizer: {r.model.tokenizer or r.model.name_or_path} has {len(tokenizer)} "
+                         f"tokens, more than the model's vocab_size {vocab} (ids past it have no embedding); "
+                         "use the model's own tokenizer")
+    positions = getattr(config, "max_position_embeddings", None)
+    if r.data.packing and positions and r.data.max_seq_len > positions:
+        raise QloraError(f"data.max_seq_len: {r.data.max_seq_len} with data.packing packs rows that long "
+                         f"(attention memory grows with its square); at most the model's "
+                         f"max_position_embeddings, {positions}")
 
 
 def _resume(run: Run, path: Path) -> Path:
