@@ -1,0 +1,230 @@
+"""llama.cpp itself on qlora's GGUF exports of a trained adapter (a script; the slow test
+tests/test_gguf_llamacpp.py asserts on the same figures).
+
+    pip install llama-cpp-python        # builds llama.cpp from source, minutes
+    .venv/bin/python benchmarks/gguf_llamacpp.py                          # stories260K
+    .venv/bin/python benchmarks/gguf_llamacpp.py --smollm2 /work/cache/smollm2   # + SmolLM2-135M
+
+SmolLM2's folder is what ../shared/assets/models/smollm2-135m-instruct/materialize.py writes.
+For each model:
+
+1. trains a LoRA adapter for real (`qlora train` on recipes/demo.yaml: r 8 on every linear,
+   lr 1e-3, batch 2, 192 tokens; --steps steps on Alpaca for stories260K, --smollm2-steps
+   on the `messages` chats for SmolLM2);
+2. exports it: safetensors f16 and bf16 (qlora.export), GGUF f16, bf16 and q8_0 (q8_0 only
+   where every row is a multiple of 32 wide; stories260K's FFN is 172), the base alone as
+   GGUF f16, and the adapter alone as GGUF LoRA;
+3. runs fixed prompts through transformers (fp32 compute) on the safetensors export and
+   through llama.cpp (llama-cpp-python, CPU) on the GGUF, and reports the largest logit
+   difference over all positions (and, as the yardstick for "fp16 noise", transformers
+   itself in fp16 on the f16 export), whether greedy continuations are token for token the
+   same, and the same for llama.cpp's base GGUF + GGUF LoRA against the merged model;
+4. checks llama.cpp's tokenizer against the Hugging Face one on a few texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+ASSETS = Path(os.environ.get("QLORA_ASSETS") or REPO.parent / "shared" / "assets")
+
+PLAIN = ["Once upon a time, there was a little girl named Lily.", "The dog ran to the park and",
+         "Tom had a big red ball. He"]
+CHAT = ["What is the capital of France?", "Write a haiku about the sea.", "Give me three tips for sleeping well."]
+# Texts both tokenizers split the same way. Not here: text that starts with whitespace or
+# follows a special token directly, in SentencePiece-style vocabularies: llama.cpp always
+# prepends "▁" there, Hugging Face's Metaspace(prepend_scheme="first") only when the text
+# does not already begin with a space.
+TOKEN_TEXTS = ["Once upon a time, there was a little girl named Lily.",
+               "Numbers: 12345 3.14159 and 2024-01-01", "def f(x):\n    return x**2  # square",
+               "héllo wörld — naïve café 你好 🙂", "don't I'll we've THEY'RE", "a  b\t\tc\n\nd"]
+GREEDY_TOKENS = 32
+
+
+def train_adapter(base: Path, data: Path, steps: int, out: Path) -> Path:
+    from qlora.config import load_recipe
+    from qlora.train import train
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [
+        f"model.name_or_path={base}", f"data.path={data}", "data.format=auto",
+        f"train.output_dir={out}", f"train.max_steps={steps}", "data.eval_ratio=0",
+        f"train.eval_steps={steps}",
+        f"train.save_steps={steps}", "train.batch_size=2", "data.max_seq_len=192"])
+    summary = train(recipe)
+    return Path(summary["run_dir"])
+
+
+def prompts(tokenizer, chat: bool) -> list[list[int]]:
+    if chat:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=True,
+                                              add_generation_prompt=True, return_dict=False) for c in CHAT]
+    return [tokenizer(p)["input_ids"] for p in PLAIN]
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def hf_greedy(model, ids: list[int]) -> list[int]:
+    out = list(ids)
+    for _ in range(GREEDY_TOKENS):  # full forward each step: the same math as the logits check
+        out.append(int(hf_logits(model, out)[-1].argmax()))
+    return out[len(ids):]
+
+
+def llama(path: Path, lora: Path | None = None, threads: int = 2):
+    from llama_cpp import Llama
+    return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512,
+                 logits_all=True, n_threads=threads, verbose=False, seed=0)
+
+
+def lc_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+
+def lc_greedy(llm, ids: list[int]) -> list[int]:
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(GREEDY_TOKENS):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
+def compare_logits(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(ref, got))
+    scale = max(float(np.abs(a).max()) for a in ref)
+    agree = np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ref, got)]))
+    return {"max_logit_diff": diff, "max_abs_logit": scale, "rel": diff / scale, "argmax_agreement": float(agree)}
+
+
+def check_model(name: str, base: Path, data: Path, steps: int, work: Path, chat: bool,
+                threads: int = 2) -> dict:
+    """Everything in the module docstring for one model; returns the figures."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from qlora.export import export
+    from qlora.gguf_export import Q8_BLOCK, export_gguf, export_gguf_lora
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    run = train_adapter(base, data, steps, work / "run")
+    r: dict = {"model": name, "train_steps": steps, "train_seconds": round(time.perf_counter() - t0, 1)}
+    exports = {}
+    for dt in ("fp16", "bf16"):
+        exports["st-" + dt] = Path(export(run, work / f"st-{dt}", dtype=dt, verify=False)["out"])
+    cfg = json.loads((base / "config.json").read_text())
+    q8 = all(w % Q8_BLOCK == 0 for w in (cfg["hidden_size"], cfg["intermediate_size"]))
+    for dt in ("f16", "bf16") + (("q8_0",) if q8 else ()):
+        rep = export_gguf(run, work / f"{name}-{dt}.gguf", dtype=dt)
+        exports[dt] = Path(rep["out"])
+        r[f"export_{dt}_seconds"] = rep["seconds"]
+    exports["base"] = Path(export_gguf(run, work / f"{name}-base-f16.gguf", base_only=True)["out"])
+    exports["lora"] = Path(export_gguf_lora(run, work / f"{name}-lora-f16.gguf")["out"])
+    r["modelfile"] = (work / f"{name}-f16.Modelfile").read_text()
+
+    tok = AutoTokenizer.from_pretrained(exports["st-fp16"])
+    ids = prompts(tok, chat)
+    hf = {dt: AutoModelForCausalLM.from_pretrained(exports["st-" + dt], dtype=torch.float32).eval()
+          for dt in ("fp16", "bf16")}
+    ref = {dt: [hf_logits(m, p) for p in ids] for dt, m in hf.items()}
+    ref_greedy = [hf_greedy(hf["fp16"], p) for p in ids]
+    half = AutoModelForCausalLM.from_pretrained(exports["st-fp16"], dtype=torch.float16).eval()
+    r["transformers_fp16_noise"] = compare_logits(ref["fp16"], [hf_logits(half, p) for p in ids])
+    del half
+
+    for dt, st in (("f16", "fp16"), ("bf16", "bf16"), ("q8_0", "fp16")):
+        if dt not in exports:
+            continue
+        llm = llama(exports[dt], threads=threads)
+        r[f"gguf_{dt}"] = compare_logits(ref[st], [lc_logits(llm, p) for p in ids])
+        greedy = [lc_greedy(llm, p) for p in ids]
+        r[f"gguf_{dt}"]["greedy_equal"] = greedy == ref_greedy
+        r[f"gguf_{dt}"]["greedy_tokens_equal"] = sum(
+            next((i for i, (a, b) in enumerate(zip(g, h)) if a != b), len(g)) for g, h in zip(greedy, ref_greedy))
+        if dt == "f16":
+            lc_f16_greedy = greedy
+        llm.close()
+    llm = llama(exports["base"], exports["lora"], threads=threads)
+    r["gguf_base_plus_lora"] = compare_logits(ref["fp16"], [lc_logits(llm, p) for p in ids])
+    lora_greedy = [lc_greedy(llm, p) for p in ids]
+    r["gguf_base_plus_lora"]["greedy_equal"] = lora_greedy == ref_greedy
+    r["gguf_base_plus_lora"]["greedy_equal_to_merged_gguf"] = lora_greedy == lc_f16_greedy
+    llm.close()
+    base_llm = llama(exports["base"], threads=threads)  # the adapter must change something
+    r["gguf_base_alone"] = compare_logits(ref["fp16"], [lc_logits(base_llm, p) for p in ids])
+    base_llm.close()
+
+    vocab = llama(exports["f16"], threads=threads)
+    r["tokenizer_mismatches"] = [t for t in TOKEN_TEXTS if vocab.tokenize(t.encode(), add_bos=True, special=True)
+                                 != tok(t)["input_ids"]]
+    if chat:  # the chat prompt itself, special tokens included
+        text = tok.apply_chat_template([{"role": "user", "content": CHAT[0]}], tokenize=False,
+                                       add_generation_prompt=True)
+        if vocab.tokenize(text.encode(), add_bos=False, special=True) != ids[0]:
+            r["tokenizer_mismatches"].append(text)
+    vocab.close()
+    r["seconds"] = round(time.perf_counter() - t0, 1)
+    return r
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| model | GGUF | vs | max abs logit diff | / max abs logit | argmax agree | greedy 3x32 equal |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        n = r["transformers_fp16_noise"]
+        rows.append(f"| {r['model']} | (transformers fp16 compute) | safetensors fp16, fp32 compute | "
+                    f"{n['max_logit_diff']:.4g} | {n['rel']:.2%} | {n['argmax_agreement']:.1%} | |")
+        for key, label, vs in (("gguf_f16", "f16", "safetensors fp16"), ("gguf_bf16", "bf16", "safetensors bf16"),
+                               ("gguf_q8_0", "q8_0", "safetensors fp16"),
+                               ("gguf_base_plus_lora", "base f16 + LoRA f16", "safetensors fp16 (merged)"),
+                               ("gguf_base_alone", "base f16, no LoRA", "safetensors fp16 (merged)")):
+            if key in r:
+                x = r[key]
+                eq = x.get("greedy_equal")
+                rows.append(f"| {r['model']} | {label} | {vs} | {x['max_logit_diff']:.4g} | {x['rel']:.2%} | "
+                            f"{x['argmax_agreement']:.1%} | {'' if eq is None else ('yes' if eq else 'no (%d/96 before first difference)' % x['greedy_tokens_equal'])} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smollm2", type=Path, help="materialized SmolLM2-135M-Instruct folder (materialize.py)")
+    ap.add_argument("--steps", type=int, default=30, help="stories260K training steps (default 30)")
+    ap.add_argument("--smollm2-steps", type=int, default=8, help="SmolLM2 training steps (default 8)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep", type=Path, help="keep the runs and exports in this folder")
+    a = ap.parse_args()
+    work = a.keep or Path(tempfile.mkdtemp(prefix="gguf-llamacpp-"))
+    results = []
+    try:
+        results.append(check_model("stories260K", ASSETS / "models" / "stories260K",
+                                   ASSETS / "data" / "alpaca_5000.json", a.steps, work / "stories260K",
+                                   chat=False, threads=a.threads))
+        if a.smollm2:
+            results.append(check_model("SmolLM2-135M", a.smollm2, ASSETS / "data" / "messages_300.json",
+                                       a.smollm2_steps, work / "smollm2", chat=True, threads=a.threads))
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    for r in results:
+        print(json.dumps({k: v for k, v in r.items() if k != "modelfile"}, indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
