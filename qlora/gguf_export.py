@@ -25,6 +25,7 @@ checkpoint tensor (bitwise for f16/bf16/F32, within one Q8_0 step for q8_0). Onl
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -41,6 +42,7 @@ from .export import MERGE_INTO, Merger, check_fp16_range, quantized_weight_names
     read_adapter_deltas, resolve_source
 from .gguf_arch import Layout, lora_alpha_for, read_layout
 from .gguf_vocab import read_vocab
+from .ollama import match_chat_template, modelfile_text
 from .safetensors_io import DTYPES as ST_DTYPES
 from .safetensors_io import checkpoint_files, read_header, read_tensor
 
@@ -209,12 +211,10 @@ def _check_outputs(paths: list[Path], force: bool) -> None:
             raise QloraError(f"{p}: exists (use --force to replace it)")
 
 
-def _resolve(dtype: str, allowed: tuple[str, ...], out, force: bool, extra: list[Path]):
+def _gguf_type(dtype: str, allowed: tuple[str, ...]):
     if dtype not in allowed:
         raise QloraError(f"dtype: expected {', '.join(allowed)} for this GGUF export, got {dtype!r}")
-    out = Path(out).expanduser()
-    _check_outputs([out, *extra(out)], force)
-    return GGUF_DTYPES[dtype], out
+    return GGUF_DTYPES[dtype]
 
 
 def modelfile_path(out: Path) -> Path:
@@ -236,7 +236,9 @@ def export_gguf(source: str | Path, out: str | Path, *, dtype: str = "f16",
     are complete). The other arguments override the run's recipe, as for `export`.
     """
     t0 = time.perf_counter()
-    qtype, out = _resolve(dtype, ("f16", "fp16", "bf16", "q8_0"), out, force, lambda o: [modelfile_path(o)])
+    qtype = _gguf_type(dtype, ("f16", "fp16", "bf16", "q8_0"))
+    out = Path(out).expanduser()
+    _check_outputs([out, modelfile_path(out)], force)
     if merge_into not in MERGE_INTO:
         raise QloraError(f"merge_into: expected dequantized or original, got {merge_into!r}")
     src = resolve_source(source, base=base, quantization=quantization,
@@ -253,10 +255,7 @@ def export_gguf(source: str | Path, out: str | Path, *, dtype: str = "f16",
         raise QloraError(f"{src.adapter_dir}: adapter module {missing[0][:-len('.weight')]} has no "
                          f"weight in {src.base}")
     vocab = read_vocab(src.tokenizer, layout.config.vocab_size)
-    from transformers import AutoTokenizer
-    from .ollama import match_chat_template, modelfile_text
-    hf_tok = AutoTokenizer.from_pretrained(src.tokenizer)
-    chat = match_chat_template(hf_tok, vocab.add_bos)
+    chat = match_chat_template(vocab.hf, vocab.add_bos)
     stops = [vocab.tokens[i].decode() for i in _eos_ids(src.base, vocab) if i < len(vocab.tokens)]
     what = f"{'base only' if base_only else 'merged'}, {dtype}"
     modelfile = modelfile_text(out, modelfile_path(out), chat, stops, what)
@@ -305,7 +304,6 @@ def verify_model(path: Path, plan: list[Planned], layout: Layout, merger: Merger
 
 def _eos_ids(base: Path, vocab) -> list[int]:
     """End-of-sequence ids: the tokenizer's and generation_config.json's (may be a list)."""
-    import json
     ids = [vocab.special.special_token_ids.get("eos")]
     gen = base / "generation_config.json"
     if gen.is_file():
@@ -329,7 +327,9 @@ def export_gguf_lora(source: str | Path, out: str | Path, *, dtype: str = "f16",
     the adapter was trained against) or any GGUF of the same base model.
     """
     t0 = time.perf_counter()
-    qtype, out = _resolve(dtype, ("f16", "fp16", "bf16"), out, force, lambda o: [])
+    qtype = _gguf_type(dtype, ("f16", "fp16", "bf16"))
+    out = Path(out).expanduser()
+    _check_outputs([out], force)
     src = resolve_source(source, base=base)
     layout = read_layout(src.base)
     deltas, scaling = read_adapter_deltas(src.adapter_dir)

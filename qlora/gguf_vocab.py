@@ -51,6 +51,7 @@ class Vocab:
     add_bos: bool  # the Hugging Face tokenizer prepends BOS
     add_eos: bool  # ... and appends EOS
     add_space_prefix: bool | None  # "llama": prepend "▁" to the text (Metaspace prepend_scheme)
+    hf: object  # the transformers tokenizer all this was read from
 
     def add_to(self, w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model(self.model)
@@ -66,16 +67,17 @@ class Vocab:
 
 def read_vocab(tokenizer: str, n_vocab: int) -> Vocab:
     """The GGUF vocabulary of `tokenizer` (a folder or a hub id), padded to `n_vocab` tokens."""
+    from .model import load_tokenizer
+    hf = load_tokenizer(tokenizer)
     path = Path(tokenizer).expanduser()
     if path.is_dir():
-        return _read_vocab_dir(path, n_vocab)
-    from .model import load_tokenizer
+        return _read_vocab_dir(path, hf, n_vocab)
     with tempfile.TemporaryDirectory() as tmp:  # a hub id: let transformers write its files
-        load_tokenizer(tokenizer).save_pretrained(tmp)
-        return _read_vocab_dir(Path(tmp), n_vocab)
+        hf.save_pretrained(tmp)
+        return _read_vocab_dir(Path(tmp), hf, n_vocab)
 
 
-def _read_vocab_dir(path: Path, n_vocab: int) -> Vocab:
+def _read_vocab_dir(path: Path, hf, n_vocab: int) -> Vocab:
     tj_path = path / "tokenizer.json"
     if not tj_path.is_file():
         raise QloraError(f"{path}: GGUF export needs a fast tokenizer (tokenizer.json)")
@@ -115,10 +117,10 @@ def _read_vocab_dir(path: Path, n_vocab: int) -> Vocab:
         special = gguf.SpecialVocab(path, load_merges=byte_level, n_vocab=n_vocab)
     finally:
         quiet.level = level
-    add_bos, add_eos = _adds_bos_eos(path)
+    add_bos, add_eos = _adds_bos_eos(hf)
     special.add_special_token["bos"], special.add_special_token["eos"] = add_bos, add_eos
     return Vocab(kind, pre, tokens, types, scores, special, add_bos, add_eos,
-                 _space_prefix(tj.get("pre_tokenizer") or {}) if kind == "llama" else None)
+                 _space_prefix(tj.get("pre_tokenizer") or {}) if kind == "llama" else None, hf)
 
 
 def _pre_name(tj_path: Path, pre: dict) -> str:
@@ -204,10 +206,8 @@ def _space_prefix(pre: dict) -> bool | None:
     return None
 
 
-def _adds_bos_eos(path: Path) -> tuple[bool, bool]:
+def _adds_bos_eos(tok) -> tuple[bool, bool]:
     """Does the Hugging Face tokenizer put BOS before / EOS after plain text?"""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
     ids = tok("Hello world")["input_ids"]
     plain = tok("Hello world", add_special_tokens=False)["input_ids"]
     bos = tok.bos_token_id is not None and len(ids) > len(plain) and ids[0] == tok.bos_token_id

@@ -25,23 +25,9 @@ from qlora.gguf_export import export_gguf, export_gguf_lora
 from qlora.safetensors_io import checkpoint_files
 
 from conftest import ASSETS, asset, write_tiny_model
-from test_export import make_adapter
+from test_export import make_adapter, one_thread, stories_adapter  # noqa: F401 (fixtures)
 
 Q = gguf.GGMLQuantizationType
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def stories_adapter(tmp_path_factory):
-    base = asset("models/stories260K")
-    return base, make_adapter(base, tmp_path_factory.mktemp("adapter") / "adapter")
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +185,57 @@ def test_other_architectures_load_in_transformers_gguf_reader(tmp_path, model_ty
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(got(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def llama3_rope_factors(theta: float, dim: int, factor: float, low: float, high: float, ctx: int) -> list[float]:
+    """llama.cpp's converter's rope_freqs for rope_type llama3 (convert_hf_to_gguf, LlamaModel)."""
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * np.pi * theta ** (i / dim)
+        if wavelen < ctx / high:
+            out.append(1.0)
+        elif wavelen > ctx / low:
+            out.append(factor)
+        else:
+            smooth = (ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+])
+def test_rope_scaling(tmp_path, rope):
+    base = write_tiny_model(tmp_path / "base", head_dim=32, vocab_size=512,
+                            rope_parameters={"rope_theta": 500000.0, **rope})
+    for f in asset("models/stories260K").glob("tokenizer*"):
+        shutil.copy(f, base / f.name)
+    adapter = make_adapter(base, tmp_path / "adapter")
+    if rope["rope_type"] == "dynamic":
+        with pytest.raises(QloraError, match="rope_parameters.rope_type 'dynamic' is not supported"):
+            export_gguf(adapter, tmp_path / "m.gguf")
+        assert not any(tmp_path.glob("m.*")) and not any(tmp_path.glob(".m.*"))
+        return
+    export_gguf(adapter, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert field(reader, "llama.rope.freq_base") == 500000.0
+    freqs = {t.name: t for t in reader.tensors}.get("rope_freqs.weight")
+    if rope["rope_type"] == "llama3":
+        want = llama3_rope_factors(500000.0, 32, 8.0, 1.0, 4.0, 64)
+        assert 1.0 in want and 8.0 in want and len(set(want)) > 2  # all three regimes occur
+        assert raw_tensor(freqs).tolist() == pytest.approx(want, rel=1e-6)
+        assert field(reader, "llama.rope.scaling.type") is None
+    else:
+        assert freqs is None
+        assert field(reader, "llama.rope.scaling.type") == rope["rope_type"]
+        assert field(reader, "llama.rope.scaling.factor") == 4.0
+    if rope["rope_type"] == "yarn":
+        assert field(reader, "llama.rope.scaling.original_context_length") == 32
+        assert field(reader, "llama.rope.scaling.yarn_beta_fast") == 32.0
 
 
 # --------------------------------------------------------------------------- metadata, tokenizer
