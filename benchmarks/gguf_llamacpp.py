@@ -106,6 +106,12 @@ def lc_greedy(llm, ids: list[int]) -> list[int]:
     return out
 
 
+def tokenizer_mismatches(llm, tok, texts=TOKEN_TEXTS) -> list[str]:
+    """The texts llama.cpp tokenizes differently from the Hugging Face tokenizer (BOS included
+    when the tokenizer adds it; GGUF's add_bos_token says so)."""
+    return [t for t in texts if llm.tokenize(t.encode(), add_bos=True, special=True) != tok(t)["input_ids"]]
+
+
 def compare_logits(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ref, got))
     scale = max(float(np.abs(a).max()) for a in ref)
@@ -170,8 +176,7 @@ def check_model(name: str, base: Path, data: Path, steps: int, work: Path, chat:
     base_llm.close()
 
     vocab = llama(exports["f16"], threads=threads)
-    r["tokenizer_mismatches"] = [t for t in TOKEN_TEXTS if vocab.tokenize(t.encode(), add_bos=True, special=True)
-                                 != tok(t)["input_ids"]]
+    r["tokenizer_mismatches"] = tokenizer_mismatches(vocab, tok)
     if chat:  # the chat prompt itself, special tokens included
         text = tok.apply_chat_template([{"role": "user", "content": CHAT[0]}], tokenize=False,
                                        add_generation_prompt=True)

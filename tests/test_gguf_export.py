@@ -310,6 +310,7 @@ def test_hf_tokenizers_round_trip_with_chat_template_and_modelfile(tmp_path, whi
     assert field(reader, "tokenizer.chat_template") == tok.chat_template
     assert field(reader, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
     assert field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert field(reader, "tokenizer.ggml.padding_token_id") == tok.pad_token_id  # SmolLM2: 2; others: none
     assert field(reader, "tokenizer.ggml.add_bos_token") == (tok("x")["input_ids"][0] == tok.bos_token_id)
 
     modelfile = (tmp_path / "out" / "chat.Modelfile").read_text()

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from gguf_llamacpp import check_model  # noqa: E402
+from gguf_llamacpp import check_model, tokenizer_mismatches  # noqa: E402
 
 
 def assert_llamacpp_matches(r: dict) -> None:
@@ -41,6 +41,50 @@ def assert_llamacpp_matches(r: dict) -> None:
     bf16 = r["gguf_bf16"]  # bf16 activations in llama.cpp: coarser, same answers
     assert bf16["rel"] < 0.02 and bf16["argmax_agreement"] >= 0.95, bf16
     assert r["tokenizer_mismatches"] == []
+
+
+@pytest.mark.parametrize("which,rel,n_vocab", [
+    ("stories-sentencepiece", "models/stories260K", 512),  # tokenizer.model's scores
+    ("stories-tokenizer.json", "models/stories260K", 512),  # scores from the merge ranks
+    ("smollm2", "models/smollm2-135m-instruct", 49152),  # byte-level BPE, gpt-2 split
+    ("llama-3.1", "tokenizers/llama-3.1-instruct", 128256),  # byte-level BPE, llama-bpe split
+    ("mistral-v0.3", "tokenizers/mistral-7b-v0.3-instruct", 32768),  # byte-fallback BPE, no .model
+])
+def test_llamacpp_tokenizes_like_transformers(tmp_path, monkeypatch, which, rel, n_vocab):
+    import shutil
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+    import qlora.gguf_vocab
+    from qlora.gguf_export import export_gguf
+    from conftest import write_tiny_model
+    from test_export import make_adapter
+    if which == "stories-tokenizer.json":
+        monkeypatch.setattr(qlora.gguf_vocab, "_has_sentencepiece", lambda: False)
+    src = asset(rel)
+    base = write_tiny_model(tmp_path / "base", vocab_size=n_vocab, tie_word_embeddings=True)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, base / f.name)
+    export_gguf(make_adapter(base, tmp_path / "adapter"), tmp_path / "t.gguf", base_only=True, verify=False)
+    llm = Llama(model_path=str(tmp_path / "t.gguf"), vocab_only=True, verbose=False)
+    tok = AutoTokenizer.from_pretrained(src)
+    assert tokenizer_mismatches(llm, tok) == []
+    if tok.chat_template:  # a rendered chat, special tokens and all
+        text = tok.apply_chat_template([{"role": "user", "content": "Name a color."}], tokenize=False,
+                                       add_generation_prompt=True)
+        adds_bos = tok("x")["input_ids"][0] == tok.bos_token_id
+        text = text.removeprefix(tok.bos_token) if adds_bos else text  # tokenizing adds it again
+        want = tok(text)["input_ids"]
+        got = llm.tokenize(text.encode(), add_bos=True, special=True)
+        if which == "mistral-v0.3":
+            # llama.cpp's SentencePiece-style tokenizer prepends "▁" to text that follows a special
+            # token ([INST] here); Hugging Face's (legacy=False) does not. Any GGUF of this
+            # tokenizer does it; the metadata has no switch for it. Only that may differ:
+            space = tok.convert_tokens_to_ids("▁")
+            special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+            got = [t for i, t in enumerate(got) if not (t == space and i and got[i - 1] in special)]
+        assert got == want
+    llm.close()
 
 
 def test_llamacpp_runs_stories260k_exports(tmp_path):
