@@ -20,6 +20,7 @@ def write_atomically(out_dir: Path, write) -> None:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a published folder gets the usual mode
     try:
         write(tmp)
         for f in tmp.iterdir():  # make the bytes durable before the rename publishes them

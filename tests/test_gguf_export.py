@@ -8,6 +8,7 @@ llama.cpp itself runs these files in test_gguf_llamacpp.py (slow, needs llama-cp
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import gguf
@@ -414,7 +415,7 @@ def test_verification_catches_a_layout_bug_and_publishes_nothing(stories_adapter
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_exports_gguf_and_force_replaces(stories_adapter, tmp_path, capsys):
+def test_cli_exports_gguf_and_force_replaces(stories_adapter, stories_exports, tmp_path, capsys):
     _, adapter = stories_adapter
     out = tmp_path / "m.gguf"
     assert main(["export", str(adapter), "--format", "gguf", "--out", str(out)]) == 0
@@ -425,7 +426,11 @@ def test_cli_exports_gguf_and_force_replaces(stories_adapter, tmp_path, capsys):
     assert main(["export", str(adapter), "--format", "gguf", "--dtype", "bf16", "--out", str(out), "--force"]) == 0
     assert out.read_bytes() != first and gguf.GGUFReader(out).tensors[0].tensor_type in (Q.BF16, Q.F32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf"]
-    assert oct(out.stat().st_mode & 0o777) != oct(0o600)  # usual file mode, not mkstemp's
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual modes, not mkstemp's 0600
+    st_dir = stories_exports["f16"][0]  # ... nor mkdtemp's 0700 for the safetensors folder
+    assert st_dir.stat().st_mode & 0o777 == 0o777 & ~umask
 
     assert main(["export", str(adapter), "--format", "gguf-lora", "--out", str(tmp_path / "l.gguf")]) == 0
     assert f"--lora {tmp_path / 'l.gguf'}" in capsys.readouterr().out
