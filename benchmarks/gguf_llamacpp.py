@@ -84,10 +84,25 @@ def hf_greedy(model, ids: list[int]) -> list[int]:
     return out[len(ids):]
 
 
-def llama(path: Path, lora: Path | None = None, threads: int = 2):
+def llama(path: Path, lora: Path | None = None, threads: int = 2, **kw):
+    """llama.cpp on `path` (+ a LoRA), with its plain CPU kernels: the "extra buffer types"
+    (AMX here) that repack quantized weights crash this machine's llama.cpp build on Q8_0 and
+    Q4_1 alike (also on the asset's own llama.cpp-made Q4_1 GGUF), so they are switched off.
+    llama-cpp-python has no argument for that; its model-params factory is wrapped instead."""
+    import llama_cpp
     from llama_cpp import Llama
-    return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512,
-                 logits_all=True, n_threads=threads, verbose=False, seed=0)
+    factory = llama_cpp.llama_model_default_params
+
+    def plain():
+        params = factory()
+        params.use_extra_bufts = False
+        return params
+    llama_cpp.llama_model_default_params = plain
+    try:
+        return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512,
+                     logits_all=True, n_threads=threads, verbose=False, seed=0, **kw)
+    finally:
+        llama_cpp.llama_model_default_params = factory
 
 
 def lc_logits(llm, ids: list[int]) -> np.ndarray:
@@ -119,29 +134,43 @@ def compare_logits(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
     return {"max_logit_diff": diff, "max_abs_logit": scale, "rel": diff / scale, "argmax_agreement": float(agree)}
 
 
-def check_model(name: str, base: Path, data: Path, steps: int, work: Path, chat: bool,
-                threads: int = 2) -> dict:
-    """Everything in the module docstring for one model; returns the figures."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def train_and_export(name: str, base: Path, data: Path, steps: int, work: Path) -> dict:
+    """Steps 1 and 2; returns {"exports": {kind: path}, ...timings}, also kept in
+    work/exports.json so that `--reuse` can run the comparison again without retraining."""
     from qlora.export import export
     from qlora.gguf_export import Q8_BLOCK, export_gguf, export_gguf_lora
-    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     run = train_adapter(base, data, steps, work / "run")
-    r: dict = {"model": name, "train_steps": steps, "train_seconds": round(time.perf_counter() - t0, 1)}
+    r: dict = {"train_steps": steps, "train_seconds": round(time.perf_counter() - t0, 1)}
     exports = {}
     for dt in ("fp16", "bf16"):
-        exports["st-" + dt] = Path(export(run, work / f"st-{dt}", dtype=dt, verify=False)["out"])
+        exports["st-" + dt] = export(run, work / f"st-{dt}", dtype=dt, verify=False)["out"]
     cfg = json.loads((base / "config.json").read_text())
     q8 = all(w % Q8_BLOCK == 0 for w in (cfg["hidden_size"], cfg["intermediate_size"]))
     for dt in ("f16", "bf16") + (("q8_0",) if q8 else ()):
         rep = export_gguf(run, work / f"{name}-{dt}.gguf", dtype=dt)
-        exports[dt] = Path(rep["out"])
+        exports[dt] = rep["out"]
         r[f"export_{dt}_seconds"] = rep["seconds"]
-    exports["base"] = Path(export_gguf(run, work / f"{name}-base-f16.gguf", base_only=True)["out"])
-    exports["lora"] = Path(export_gguf_lora(run, work / f"{name}-lora-f16.gguf")["out"])
-    r["modelfile"] = (work / f"{name}-f16.Modelfile").read_text()
+    exports["base"] = export_gguf(run, work / f"{name}-base-f16.gguf", base_only=True)["out"]
+    exports["lora"] = export_gguf_lora(run, work / f"{name}-lora-f16.gguf")["out"]
+    r["exports"] = exports
+    (work / "exports.json").write_text(json.dumps(r, indent=1))
+    return r
+
+
+def check_model(name: str, base: Path, data: Path, steps: int, work: Path, chat: bool,
+                threads: int = 2, reuse: bool = False) -> dict:
+    """Everything in the module docstring for one model; returns the figures. `reuse`: take
+    the run and exports an earlier call left in `work` (exports.json) instead of redoing them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    kept = work / "exports.json"
+    r = {"model": name, **(json.loads(kept.read_text()) if reuse and kept.is_file()
+                           else train_and_export(name, base, data, steps, work))}
+    exports = {k: Path(v) for k, v in r.pop("exports").items()}
+    r["modelfile"] = exports["f16"].with_suffix(".Modelfile").read_text()
 
     tok = AutoTokenizer.from_pretrained(exports["st-fp16"])
     ids = prompts(tok, chat)
@@ -213,16 +242,19 @@ def main() -> None:
     ap.add_argument("--smollm2-steps", type=int, default=8, help="SmolLM2 training steps (default 8)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", type=Path, help="keep the runs and exports in this folder")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --keep: reuse the runs and exports a previous run left there")
     a = ap.parse_args()
     work = a.keep or Path(tempfile.mkdtemp(prefix="gguf-llamacpp-"))
     results = []
     try:
         results.append(check_model("stories260K", ASSETS / "models" / "stories260K",
                                    ASSETS / "data" / "alpaca_5000.json", a.steps, work / "stories260K",
-                                   chat=False, threads=a.threads))
+                                   chat=False, threads=a.threads, reuse=a.reuse))
         if a.smollm2:
             results.append(check_model("SmolLM2-135M", a.smollm2, ASSETS / "data" / "messages_300.json",
-                                       a.smollm2_steps, work / "smollm2", chat=True, threads=a.threads))
+                                       a.smollm2_steps, work / "smollm2", chat=True, threads=a.threads,
+                                       reuse=a.reuse))
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

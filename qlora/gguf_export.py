@@ -273,6 +273,8 @@ def export_gguf(source: str | Path, out: str | Path, *, dtype: str = "f16",
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab.add_to(w)
         _write(w, plan, lambda p: layout.to_gguf(p.hf_name, _read_source(p, layout, merger)))
+        log.info("wrote %d tensors (%.1f MB)%s", len(plan), tmp.stat().st_size / 1e6,
+                 "; verifying" if verify else "")
         if verify:
             fresh = dataclasses.replace(merger, merged=0, dequantized=0)
             report.update(verify_model(tmp, plan, layout, fresh))

@@ -62,7 +62,7 @@ class Vocab:
             w.add_token_scores(self.scores)
         if self.add_space_prefix is not None:
             w.add_add_space_prefix(self.add_space_prefix)
-        self.special.add_to_gguf(w, quiet=True)  # also sets add_bos/add_eos (set below)
+        self.special.add_to_gguf(w, quiet=True)  # ids, merges, chat template, add_bos/add_eos
 
 
 def read_vocab(tokenizer: str, n_vocab: int) -> Vocab:
@@ -106,11 +106,7 @@ def _read_vocab_dir(path: Path, hf, n_vocab: int) -> Vocab:
     if len(tokens) > n_vocab:
         raise QloraError(f"{tj_path}: {len(tokens)} tokens but the model's embedding has only "
                          f"{n_vocab} rows")
-    for i in range(len(tokens), n_vocab):  # embedding rows no token uses (padded vocabularies)
-        tokens.append(f"[PAD{i}]".encode())
-        types.append(TokenType.UNUSED)
-        if scores is not None:
-            scores.append(PAD_SCORE)
+    _pad(tokens, types, scores, n_vocab)  # embedding rows no token uses (padded vocabularies)
     quiet = logging.getLogger("gguf.vocab")  # its guesses about unused sep tokens only confuse
     level, quiet.level = quiet.level, logging.ERROR
     try:
@@ -184,11 +180,7 @@ def _overlay_added(tj: dict, tokens: list[bytes], types: list[int], scores: list
     from plain text, shown only on request), the others USER_DEFINED (matched verbatim)."""
     for tok in tj.get("added_tokens", []):
         i, text = tok["id"], tok["content"]
-        while len(tokens) <= i:
-            tokens.append(f"[PAD{len(tokens)}]".encode())
-            types.append(TokenType.UNUSED)
-            if scores is not None:
-                scores.append(PAD_SCORE)
+        _pad(tokens, types, scores, i + 1)
         tokens[i] = text.encode()
         if text == unk or types[i] == TokenType.UNKNOWN:  # sentencepiece knows its unk
             types[i] = TokenType.UNKNOWN
@@ -196,6 +188,15 @@ def _overlay_added(tj: dict, tokens: list[bytes], types: list[int], scores: list
             types[i] = TokenType.CONTROL
         else:
             types[i] = TokenType.USER_DEFINED
+
+
+def _pad(tokens: list[bytes], types: list[int], scores: list[float] | None, n: int) -> None:
+    """Fill ids up to n - 1 with unused [PAD<id>] tokens, as llama.cpp's converter does."""
+    for i in range(len(tokens), n):
+        tokens.append(f"[PAD{i}]".encode())
+        types.append(TokenType.UNUSED)
+        if scores is not None:
+            scores.append(PAD_SCORE)
 
 
 def _space_prefix(pre: dict) -> bool | None:

@@ -25,7 +25,7 @@ from qlora.export import export
 from qlora.gguf_export import export_gguf, export_gguf_lora
 from qlora.safetensors_io import checkpoint_files
 
-from conftest import ASSETS, asset, write_tiny_model
+from conftest import asset, write_tiny_model
 from test_export import make_adapter, one_thread, stories_adapter  # noqa: F401 (fixtures)
 
 Q = gguf.GGMLQuantizationType
