@@ -89,20 +89,22 @@ def llama(path: Path, lora: Path | None = None, threads: int = 2, **kw):
     (AMX here) that repack quantized weights crash this machine's llama.cpp build on Q8_0 and
     Q4_1 alike (also on the asset's own llama.cpp-made Q4_1 GGUF), so they are switched off.
     llama-cpp-python has no argument for that; its model-params factory is wrapped instead."""
-    import llama_cpp
+    import llama_cpp.llama_cpp as bindings  # the module Llama takes its defaults from
     from llama_cpp import Llama
-    factory = llama_cpp.llama_model_default_params
+    factory = bindings.llama_model_default_params
 
     def plain():
         params = factory()
         params.use_extra_bufts = False
         return params
-    llama_cpp.llama_model_default_params = plain
+    bindings.llama_model_default_params = plain
     try:
-        return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512,
-                     logits_all=True, n_threads=threads, verbose=False, seed=0, **kw)
+        llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512,
+                    logits_all=True, n_threads=threads, verbose=False, seed=0, **kw)
     finally:
-        llama_cpp.llama_model_default_params = factory
+        bindings.llama_model_default_params = factory
+    assert not llm.model_params.use_extra_bufts
+    return llm
 
 
 def lc_logits(llm, ids: list[int]) -> np.ndarray:
@@ -246,20 +248,20 @@ def main() -> None:
                     help="with --keep: reuse the runs and exports a previous run left there")
     a = ap.parse_args()
     work = a.keep or Path(tempfile.mkdtemp(prefix="gguf-llamacpp-"))
+    models = [("stories260K", ASSETS / "models" / "stories260K", ASSETS / "data" / "alpaca_5000.json",
+               a.steps, False, "stories260K")]
+    if a.smollm2:
+        models.append(("SmolLM2-135M", a.smollm2, ASSETS / "data" / "messages_300.json", a.smollm2_steps,
+                       True, "smollm2"))
     results = []
     try:
-        results.append(check_model("stories260K", ASSETS / "models" / "stories260K",
-                                   ASSETS / "data" / "alpaca_5000.json", a.steps, work / "stories260K",
-                                   chat=False, threads=a.threads, reuse=a.reuse))
-        if a.smollm2:
-            results.append(check_model("SmolLM2-135M", a.smollm2, ASSETS / "data" / "messages_300.json",
-                                       a.smollm2_steps, work / "smollm2", chat=True, threads=a.threads,
+        for name, base, data, steps, chat, folder in models:
+            results.append(check_model(name, base, data, steps, work / folder, chat=chat, threads=a.threads,
                                        reuse=a.reuse))
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "modelfile"}, indent=1), flush=True)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    for r in results:
-        print(json.dumps({k: v for k, v in r.items() if k != "modelfile"}, indent=1))
     print(table(results))
 
 
