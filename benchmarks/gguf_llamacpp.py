@@ -15,10 +15,19 @@ For each model:
    where every row is a multiple of 32 wide; stories260K's FFN is 172), the base alone as
    GGUF f16, and the adapter alone as GGUF LoRA;
 3. runs fixed prompts through transformers (fp32 compute) on the safetensors export and
-   through llama.cpp (llama-cpp-python, CPU) on the GGUF, and reports the largest logit
-   difference over all positions (and, as the yardstick for "fp16 noise", transformers
-   itself in fp16 on the f16 export), whether greedy continuations are token for token the
-   same, and the same for llama.cpp's base GGUF + GGUF LoRA against the merged model;
+   through llama.cpp (llama-cpp-python, CPU) on the GGUF, and compares
+   - logits, teacher-forced over each prompt + the reference's 32-token greedy continuation:
+     the largest difference, and argmax agreement at every position;
+   - greedy continuations (3 x 32 tokens), token for token.
+   The yardstick for "fp16 noise" (bf16 for the bf16 GGUF) is transformers itself in fp16
+   (bf16) compute against fp32 compute on the same export. A position where the reference's
+   margin between its token and the other side's is below that noise is a near-tie: there,
+   rounding alone may pick either token (transformers' own fp16 compute does too), so a
+   greedy difference is only a failure when its first token is not a near-tie, and a
+   teacher-forced argmax difference only at a margin of at least the noise. The same for
+   llama.cpp's base GGUF + GGUF LoRA against the merged model (transformers) and against
+   llama.cpp's merged f16 GGUF. For q8_0, transformers on the GGUF's own 8-bit weights
+   (dequantized, fp32 compute) shows how much of its difference the weights alone make;
 4. checks llama.cpp's tokenizer against the Hugging Face one on a few texts.
 """
 
@@ -84,6 +93,14 @@ def hf_greedy(model, ids: list[int]) -> list[int]:
     return out[len(ids):]
 
 
+def hf_against(ref: list[np.ndarray], seqs: list[list[int]], path: Path, **load) -> dict:
+    """transformers on `path` (from_pretrained keywords `load`) against the reference logits
+    `ref` on `seqs`: in fp16/bf16 compute, the yardstick for what rounding alone does."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, **load).eval()
+    return compare_logits(ref, [hf_logits(model, s) for s in seqs])
+
+
 def llama(path: Path, lora: Path | None = None, threads: int = 2, **kw):
     """llama.cpp on `path` (+ a LoRA), with its plain CPU kernels: the "extra buffer types"
     (AMX here) that repack quantized weights crash this machine's llama.cpp build on Q8_0 and
@@ -129,11 +146,42 @@ def tokenizer_mismatches(llm, tok, texts=TOKEN_TEXTS) -> list[str]:
     return [t for t in texts if llm.tokenize(t.encode(), add_bos=True, special=True) != tok(t)["input_ids"]]
 
 
-def compare_logits(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
+def compare_logits(ref: list[np.ndarray], got: list[np.ndarray], noise: float | None = None) -> dict:
+    """Largest logit difference and argmax agreement over every position; with `noise`, also
+    the argmax differences that are not near-ties (the reference's margin between its token and
+    `got`'s is at least `noise`)."""
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ref, got))
     scale = max(float(np.abs(a).max()) for a in ref)
-    agree = np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ref, got)]))
-    return {"max_logit_diff": diff, "max_abs_logit": scale, "rel": diff / scale, "argmax_agreement": float(agree)}
+    r, g = np.concatenate(ref), np.concatenate(got)  # (positions, vocab)
+    want, pick = r.argmax(-1), g.argmax(-1)
+    out = {"max_logit_diff": diff, "max_abs_logit": scale, "rel": diff / scale,
+           "argmax_agreement": float(np.mean(want == pick)), "positions": len(want)}
+    if noise is not None:
+        rows = np.arange(len(want))
+        margin = r[rows, want] - r[rows, pick]  # 0 where they agree
+        out["argmax_differences_beyond_noise"] = int(np.sum(margin >= noise))
+    return out
+
+
+def compare_greedy(ref_model, ids: list[list[int]], want: list[list[int]], got: list[list[int]],
+                   noise: float) -> dict:
+    """Greedy continuations `got` against `want` (same prompts `ids`), token for token. At each
+    prompt's first difference the context is still shared, so the reference model's logits
+    there say how close the call was: `ref_margin` = its logit for `want`'s token minus its
+    logit for `got`'s (negative where `got` is the reference's pick); |margin| below `noise`
+    is a near-tie."""
+    firsts, equal = [], 0
+    for i, (p, w, g) in enumerate(zip(ids, want, got)):
+        k = next((j for j, (a, b) in enumerate(zip(w, g)) if a != b), None)
+        if k is None:
+            equal += len(w)
+            continue
+        equal += k
+        last = hf_logits(ref_model, p + w[:k])[-1]
+        firsts.append({"prompt": i, "token": k, "ref_margin": float(last[w[k]] - last[g[k]])})
+    return {"greedy_equal": not firsts, "greedy_tokens_equal": equal, "greedy_tokens": sum(map(len, want)),
+            "greedy_first_differences": firsts,
+            "greedy_differences_near_ties": all(abs(f["ref_margin"]) < noise for f in firsts)}
 
 
 def train_and_export(name: str, base: Path, data: Path, steps: int, work: Path) -> dict:
@@ -178,32 +226,38 @@ def check_model(name: str, base: Path, data: Path, steps: int, work: Path, chat:
     ids = prompts(tok, chat)
     hf = {dt: AutoModelForCausalLM.from_pretrained(exports["st-" + dt], dtype=torch.float32).eval()
           for dt in ("fp16", "bf16")}
-    ref = {dt: [hf_logits(m, p) for p in ids] for dt, m in hf.items()}
-    ref_greedy = [hf_greedy(hf["fp16"], p) for p in ids]
-    half = AutoModelForCausalLM.from_pretrained(exports["st-fp16"], dtype=torch.float16).eval()
-    r["transformers_fp16_noise"] = compare_logits(ref["fp16"], [hf_logits(half, p) for p in ids])
-    del half
+    ref_greedy = {dt: [hf_greedy(m, p) for p in ids] for dt, m in hf.items()}
+    # Teacher-forced: every comparison reads the same sequences, prompt + fp16 reference's greedy
+    # continuation, so argmax agreement covers the generated tokens too.
+    seqs = [p + g for p, g in zip(ids, ref_greedy["fp16"])]
+    ref = {dt: [hf_logits(m, s) for s in seqs] for dt, m in hf.items()}
+    for dt, half in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        r[f"transformers_{dt}_noise"] = hf_against(ref[dt], seqs, exports["st-" + dt], dtype=half)
+    if "q8_0" in exports:  # what the 8-bit weights alone do: transformers dequantizes them, fp32 compute
+        r["transformers_q8_0_weights"] = hf_against(ref["fp16"], seqs, exports["q8_0"].parent,
+                                                    gguf_file=exports["q8_0"].name, dtype=torch.float32)
+    noise = {dt: r[f"transformers_{dt}_noise"]["max_logit_diff"] for dt in ("fp16", "bf16")}
 
-    for dt, st in (("f16", "fp16"), ("bf16", "bf16"), ("q8_0", "fp16")):
-        if dt not in exports:
-            continue
-        llm = llama(exports[dt], threads=threads)
-        r[f"gguf_{dt}"] = compare_logits(ref[st], [lc_logits(llm, p) for p in ids])
+    def run_gguf(key: str, path: Path, st: str, lora: Path | None = None) -> list[list[int]]:
+        """llama.cpp on one GGUF against transformers on safetensors export `st`; its greedy."""
+        llm = llama(path, lora, threads=threads)
+        r[key] = compare_logits(ref[st], [lc_logits(llm, s) for s in seqs], noise[st])
         greedy = [lc_greedy(llm, p) for p in ids]
-        r[f"gguf_{dt}"]["greedy_equal"] = greedy == ref_greedy
-        r[f"gguf_{dt}"]["greedy_tokens_equal"] = sum(
-            next((i for i, (a, b) in enumerate(zip(g, h)) if a != b), len(g)) for g, h in zip(greedy, ref_greedy))
-        if dt == "f16":
-            lc_f16_greedy = greedy
         llm.close()
-    llm = llama(exports["base"], exports["lora"], threads=threads)
-    r["gguf_base_plus_lora"] = compare_logits(ref["fp16"], [lc_logits(llm, p) for p in ids])
-    lora_greedy = [lc_greedy(llm, p) for p in ids]
-    r["gguf_base_plus_lora"]["greedy_equal"] = lora_greedy == ref_greedy
-    r["gguf_base_plus_lora"]["greedy_equal_to_merged_gguf"] = lora_greedy == lc_f16_greedy
-    llm.close()
+        r[key] |= compare_greedy(hf[st], ids, ref_greedy[st], greedy, noise[st])
+        return greedy
+
+    for dt, st in (("f16", "fp16"), ("bf16", "bf16"), ("q8_0", "fp16")):  # q8_0: fp16 noise, for scale
+        if dt in exports:
+            greedy = run_gguf(f"gguf_{dt}", exports[dt], st)
+            if dt == "f16":
+                merged_greedy = greedy
+    lora_greedy = run_gguf("gguf_base_plus_lora", exports["base"], "fp16", exports["lora"])
+    # against llama.cpp's merged f16 GGUF; the margin at a difference is still transformers'
+    r["gguf_base_plus_lora"]["vs_merged_gguf"] = compare_greedy(hf["fp16"], ids, merged_greedy, lora_greedy,
+                                                                noise["fp16"])
     base_llm = llama(exports["base"], threads=threads)  # the adapter must change something
-    r["gguf_base_alone"] = compare_logits(ref["fp16"], [lc_logits(base_llm, p) for p in ids])
+    r["gguf_base_alone"] = compare_logits(ref["fp16"], [lc_logits(base_llm, s) for s in seqs])
     base_llm.close()
 
     vocab = llama(exports["f16"], threads=threads)
@@ -219,21 +273,40 @@ def check_model(name: str, base: Path, data: Path, steps: int, work: Path, chat:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| model | GGUF | vs | max abs logit diff | / max abs logit | argmax agree | greedy 3x32 equal |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | GGUF / compute | vs | max abs logit diff | / max abs logit | argmax agree | "
+            "argmax differs, margin ≥ noise | greedy 3x32 | first differences: token (reference margin) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+
+    def greedy(x: dict) -> tuple[str, str]:
+        if x["greedy_equal"]:
+            return "equal", ""
+        verdict = "near-ties only" if x["greedy_differences_near_ties"] else "NOT near-ties"
+        return (f"{x['greedy_tokens_equal']}/{x['greedy_tokens']} equal, {verdict}",
+                ", ".join(f"p{f['prompt']} t{f['token']} ({f['ref_margin']:.4f})" for f in x["greedy_first_differences"]))
+
     for r in results:
-        n = r["transformers_fp16_noise"]
-        rows.append(f"| {r['model']} | (transformers fp16 compute) | safetensors fp16, fp32 compute | "
-                    f"{n['max_logit_diff']:.4g} | {n['rel']:.2%} | {n['argmax_agreement']:.1%} | |")
+        for dt, label in (("fp16", "transformers fp16 compute"), ("bf16", "transformers bf16 compute")):
+            n = r[f"transformers_{dt}_noise"]
+            rows.append(f"| {r['model']} | {label} (noise) | safetensors {dt}, fp32 compute | {n['max_logit_diff']:.4g} | "
+                        f"{n['rel']:.2%} | {n['argmax_agreement']:.1%} of {n['positions']} | | | |")
+        if "transformers_q8_0_weights" in r:
+            n = r["transformers_q8_0_weights"]
+            rows.append(f"| {r['model']} | transformers on the q8_0 GGUF's weights, fp32 compute | safetensors fp16 | "
+                        f"{n['max_logit_diff']:.4g} | {n['rel']:.2%} | {n['argmax_agreement']:.1%} of {n['positions']} | | | |")
         for key, label, vs in (("gguf_f16", "f16", "safetensors fp16"), ("gguf_bf16", "bf16", "safetensors bf16"),
                                ("gguf_q8_0", "q8_0", "safetensors fp16"),
                                ("gguf_base_plus_lora", "base f16 + LoRA f16", "safetensors fp16 (merged)"),
                                ("gguf_base_alone", "base f16, no LoRA", "safetensors fp16 (merged)")):
-            if key in r:
-                x = r[key]
-                eq = x.get("greedy_equal")
-                rows.append(f"| {r['model']} | {label} | {vs} | {x['max_logit_diff']:.4g} | {x['rel']:.2%} | "
-                            f"{x['argmax_agreement']:.1%} | {'' if eq is None else ('yes' if eq else 'no (%d/96 before first difference)' % x['greedy_tokens_equal'])} |")
+            if key not in r:
+                continue
+            x = r[key]
+            g = greedy(x) if "greedy_equal" in x else ("", "")
+            rows.append(f"| {r['model']} | {label} | {vs} | {x['max_logit_diff']:.4g} | {x['rel']:.2%} | "
+                        f"{x['argmax_agreement']:.1%} of {x['positions']} | {x.get('argmax_differences_beyond_noise', '')} | "
+                        f"{g[0]} | {g[1]} |")
+            if "vs_merged_gguf" in x:
+                g = greedy(x["vs_merged_gguf"])
+                rows.append(f"| {r['model']} | {label} | llama.cpp f16 GGUF (merged) | | | | | {g[0]} | {g[1]} |")
     return "\n".join(rows)
 
 

@@ -28,18 +28,24 @@ from gguf_llamacpp import check_model, tokenizer_mismatches  # noqa: E402
 
 
 def assert_llamacpp_matches(r: dict) -> None:
-    noise = r["transformers_fp16_noise"]["max_logit_diff"]  # transformers itself, fp16 vs fp32 compute
+    # transformers itself, fp16 (bf16) vs fp32 compute on the same export: what rounding alone does
+    noise = r["transformers_fp16_noise"]["max_logit_diff"]
     f16 = r["gguf_f16"]
     # f16: llama.cpp's logits differ from transformers' (fp32 compute, same fp16 weights) by no
-    # more than transformers' own fp16-compute noise on the same model; greedy text identical.
+    # more than transformers' own fp16-compute noise on the same model. Argmax (teacher-forced
+    # over prompts + greedy continuations) and greedy text agree wherever the reference's margin
+    # is above that noise: a greedy run may part only at a near-tie, as fp16 transformers may.
     assert f16["max_logit_diff"] <= max(noise, 1e-3 * f16["max_abs_logit"]), f16
-    assert f16["argmax_agreement"] == 1.0 and f16["greedy_equal"], f16
+    assert f16["argmax_differences_beyond_noise"] == 0 and f16["greedy_differences_near_ties"], f16
+    assert f16["argmax_agreement"] >= 0.99, f16
     lora = r["gguf_base_plus_lora"]  # base GGUF + GGUF LoRA, applied by llama.cpp at run time
-    assert lora["greedy_equal"] and lora["greedy_equal_to_merged_gguf"], lora
+    assert lora["argmax_differences_beyond_noise"] == 0 and lora["greedy_differences_near_ties"], lora
+    assert lora["vs_merged_gguf"]["greedy_differences_near_ties"], lora
     assert lora["max_logit_diff"] <= max(2 * noise, 2e-3 * lora["max_abs_logit"]), lora
     assert r["gguf_base_alone"]["max_logit_diff"] > 20 * f16["max_logit_diff"]  # the adapter matters
-    bf16 = r["gguf_bf16"]  # bf16 activations in llama.cpp: coarser, same answers
-    assert bf16["rel"] < 0.02 and bf16["argmax_agreement"] >= 0.95, bf16
+    bf16 = r["gguf_bf16"]  # bf16 activations in llama.cpp: coarser, held to transformers' bf16 noise
+    assert bf16["max_logit_diff"] <= r["transformers_bf16_noise"]["max_logit_diff"], bf16
+    assert bf16["argmax_differences_beyond_noise"] == 0 and bf16["greedy_differences_near_ties"], bf16
     assert r["tokenizer_mismatches"] == []
 
 
@@ -102,6 +108,7 @@ def test_llamacpp_runs_smollm2_exports(tmp_path):
     r = check_model("SmolLM2-135M", folder, asset("data/messages_300.json"), steps=8,
                     work=tmp_path / "work", chat=True)
     assert_llamacpp_matches(r)
-    q8 = r["gguf_q8_0"]  # 8-bit weights: a real but small change
-    assert q8["rel"] < 0.05 and q8["argmax_agreement"] >= 0.9, q8
+    q8 = r["gguf_q8_0"]  # 8-bit weights and (in llama.cpp's matmuls) 8-bit activations
+    assert q8["max_logit_diff"] <= 2 * r["transformers_q8_0_weights"]["max_logit_diff"], q8
+    assert q8["rel"] < 0.1 and q8["argmax_agreement"] >= 0.9, q8
     assert "TEMPLATE" in r["modelfile"] and "<|im_start|>" in r["modelfile"]
