@@ -55,14 +55,42 @@ def _looks_like_hub_name(value: str) -> bool:
 
 
 def _export(args) -> None:
+    if args.format != "safetensors":
+        return _export_gguf(args)
     from .export import export
-    report = export(args.source, args.out, dtype=args.dtype, merge_into=args.merge_into,
-                    max_shard_size=args.max_shard_size, force=args.force,
-                    verify=not args.no_verify, base=args.base)
+    if args.dtype == "q8_0" or args.base_only:
+        raise QloraError(f"{'--dtype q8_0' if args.dtype == 'q8_0' else '--base-only'} is for --format gguf")
+    report = export(args.source, args.out, dtype={"f16": "fp16"}.get(args.dtype, args.dtype),
+                    merge_into=args.merge_into, max_shard_size=args.max_shard_size or "5GB",
+                    force=args.force, verify=not args.no_verify, base=args.base)
     diff = report.get("max_logit_diff")
     print(f"exported {report['tensors_merged']} merged tensors to {report['out']} "
           f"({report['dtype']}, {report['shards']} shard(s))"
           + (f"; max |logit diff| vs adapter on the 4-bit base: {diff:.4g}" if diff is not None else ""))
+
+
+def _export_gguf(args) -> None:
+    from .gguf_export import export_gguf, export_gguf_lora
+    if args.max_shard_size is not None:
+        raise QloraError("--max-shard-size is for --format safetensors (a GGUF is one file)")
+    if args.format == "gguf-lora":
+        if args.merge_into != "dequantized" or args.base_only:
+            raise QloraError(f"{'--base-only' if args.base_only else '--merge-into'} does not apply to "
+                             "--format gguf-lora (the adapter alone, merged into nothing)")
+        r = export_gguf_lora(args.source, args.out, dtype=args.dtype, force=args.force,
+                             verify=not args.no_verify, base=args.base)
+        print(f"exported {r['modules']} LoRA pairs (r {r['rank']}, alpha {r['lora_alpha']:g}) to {r['out']}\n"
+              f"run it on a base GGUF (e.g. qlora export {args.source} --format gguf --base-only): "
+              f"llama-cli -m BASE.gguf --lora {r['out']}")
+        return
+    r = export_gguf(args.source, args.out, dtype=args.dtype, merge_into=args.merge_into,
+                    base_only=args.base_only, force=args.force, verify=not args.no_verify, base=args.base)
+    from .ollama import ollama_name
+    name = ollama_name(Path(r["out"]).stem)
+    what = "the base alone" if r["base_only"] else f"{r['tensors_merged']} merged tensors"
+    print(f"exported {what} to {r['out']} ({r['architecture']}, {r['dtype']}, tokenizer {r['tokenizer']}"
+          + (f", all {r['verified_tensors']} tensors verified" if r["verified"] else "") + f") and {r['modelfile']}\n"
+          f"run it: llama-cli -m {r['out']}   |   ollama create {name} -f {r['modelfile']} && ollama run {name}")
 
 
 def _generate(args) -> None:
@@ -135,21 +163,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value (repeatable), e.g. --set train.max_steps=100")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("export", help="merge an adapter into a full fp16/bf16 Hugging Face checkpoint",
+    e = sub.add_parser("export", help="merge an adapter into a full fp16/bf16 Hugging Face checkpoint, or GGUF",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXPORT_EPILOG,
                        description="Dequantize the NF4 base, add (alpha/r)*B*A, write sharded safetensors "
-                                   "that plain transformers loads. Streams tensor by tensor: memory grows with the "
-                                   "largest weight matrix (about 7x it while re-quantizing), not the model.")
+                                   "that plain transformers loads, or one GGUF file for llama.cpp / Ollama "
+                                   "(--format gguf, with an Ollama Modelfile beside it), or the adapter alone "
+                                   "as a GGUF LoRA (--format gguf-lora). Streams tensor by tensor: memory grows "
+                                   "with the largest weight matrix (about 7x it while re-quantizing), not the model.")
     e.add_argument("source", help="run directory, checkpoint directory or adapter directory")
-    e.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
-    e.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="output dtype (default fp16)")
+    e.add_argument("--out", required=True, help="output folder (safetensors: must be empty or absent unless "
+                                                "--force), or the .gguf file (must not exist unless --force)")
+    e.add_argument("--format", choices=["safetensors", "gguf", "gguf-lora"], default="safetensors",
+                   help="safetensors (default): a Hugging Face folder; gguf: one llama.cpp file plus an Ollama "
+                        "Modelfile; gguf-lora: the adapter alone, for llama.cpp --lora")
+    e.add_argument("--dtype", choices=["fp16", "f16", "bf16", "q8_0"], default="fp16",
+                   help="weight type (default fp16, which GGUF calls f16); q8_0: GGUF only, 8-bit blocks of "
+                        "32 (every row width must be a multiple of 32)")
+    e.add_argument("--base-only", action="store_true",
+                   help="--format gguf: write the base alone (as training saw it), the base for gguf-lora adapters")
     e.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized",
                    help="merge into the dequantized NF4 weights training saw (default), or into the "
                         "original 16-bit base weights")
-    e.add_argument("--max-shard-size", default="5GB", help="largest shard file (default 5GB)")
+    e.add_argument("--max-shard-size", help="largest shard file (default 5GB; safetensors only)")
     e.add_argument("--base", help="base model path when the adapter does not name one")
-    e.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    e.add_argument("--force", action="store_true",
+                   help="replace an existing output (folder, or .gguf and its Modelfile) once the new one is complete")
     e.add_argument("--no-verify", action="store_true",
-                   help="skip reloading the export with transformers and comparing logits")
+                   help="skip the check before publishing (safetensors: reload with transformers and compare "
+                        "logits; gguf: re-read every tensor and compare it with the merge)")
     e.set_defaults(func=_export)
 
     g = sub.add_parser("generate", help="generate text from a run, adapter or exported model")
@@ -201,6 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     d.set_defaults(func=_demo)
     return p
+
+
+EXPORT_EPILOG = """\
+run a GGUF export:
+  qlora export runs/demo --format gguf --out demo.gguf            # also writes demo.Modelfile
+  llama-cli -m demo.gguf                                          # llama.cpp chat (the chat template is embedded)
+  llama-server -m demo.gguf                                       # OpenAI-compatible server on :8080
+  ollama create demo -f demo.Modelfile && ollama run demo         # the Modelfile's header has the exact command
+
+one base GGUF, many adapters:
+  qlora export runs/demo --format gguf --base-only --out base.gguf
+  qlora export runs/demo --format gguf-lora --out demo-lora.gguf
+  llama-cli -m base.gguf --lora demo-lora.gguf
+  Ollama: a Modelfile with FROM <the base model> and ADAPTER ./demo-lora.gguf
+"""
 
 
 def _recipe_help() -> str:
