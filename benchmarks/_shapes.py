@@ -70,12 +70,21 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
 def count_params(path: Path) -> int:
     """Logical parameter count of a checkpoint folder (from safetensors headers; tied
     embeddings counted once, as they are stored once)."""
+    return checkpoint_facts(path)["params"]
+
+
+def checkpoint_facts(path: Path) -> dict:
+    """From the safetensors headers of a checkpoint folder: parameters, bytes on disk and
+    the largest single tensor's bytes."""
     from qlora.safetensors_io import checkpoint_files, read_header
-    n = 0
-    for f in checkpoint_files(path):
+    files = checkpoint_files(path)
+    params, largest = 0, 0
+    for f in files:
         for entry in read_header(f)[0].values():
-            n += math.prod(entry["shape"])
-    return n
+            params += math.prod(entry["shape"])
+            begin, end = entry["data_offsets"]
+            largest = max(largest, end - begin)
+    return {"params": params, "bytes": sum(f.stat().st_size for f in files), "largest_tensor": largest}
 
 
 def _tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -162,3 +171,19 @@ def write_random_adapter(path: Path, base: Path, rank: int, seed: int = 0) -> in
     cfg = peft_config(LoraConfig(r=rank, alpha=2 * rank), targets, str(base))
     (path / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return len(linears)
+
+
+def main() -> None:
+    """`python _shapes.py SHAPE LAYERS RANK ADAPTER_DIR` (LAYERS 0: the shape's own): the
+    checkpoint (cached) and a random adapter on it; prints their facts as one JSON line. The
+    benchmarks run this as a child so that writing never inflates a measured process."""
+    import sys
+    shape, layers, rank, adapter = sys.argv[1], int(sys.argv[2]) or None, int(sys.argv[3]), Path(sys.argv[4])
+    base = model_path(shape, layers=layers, log=lambda m: print(m, file=sys.stderr, flush=True))
+    n = write_random_adapter(adapter, base, rank)
+    # "synthetic": a random checkpoint in CACHE, which a caller may delete; never a real asset
+    print(json.dumps({"base": str(base), "synthetic": base != STORIES, "linears": n, **checkpoint_facts(base)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -22,28 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-
-WRITE = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import _shapes
-from qlora.safetensors_io import checkpoint_files
-shape, layers, rank, adapter = sys.argv[2], int(sys.argv[3]) or None, int(sys.argv[4]), sys.argv[5]
-base = _shapes.model_path(shape, layers=layers, log=lambda m: print(m, file=sys.stderr, flush=True))
-n = _shapes.write_random_adapter(__import__("pathlib").Path(adapter), base, rank)
-print(json.dumps({"base": str(base), "params": _shapes.count_params(base), "linears": n,
-                  "bytes": sum(f.stat().st_size for f in checkpoint_files(base))}))
-"""
+sys.path.insert(0, str(HERE))
+from _child import gb, last_json, run_child  # noqa: E402
 
 EXPORT = r"""
 import json, re, sys, time
@@ -57,23 +44,6 @@ report = export(sys.argv[1], sys.argv[2], dtype="fp16", verify=sys.argv[3] == "1
 print(json.dumps({"report": report, "baseline_rss": baseline, "peak_rss": status("VmHWM"),
                   "export_seconds": time.perf_counter() - t}))
 """
-
-
-def run_child(argv: list[str]) -> tuple[dict, int]:
-    """Run a child; (the JSON on its last stdout line, its peak RSS in bytes from wait4)."""
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=out, env={**os.environ, "PYTHONPATH": str(REPO)})
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        out.seek(0)
-        text = out.read()
-        if proc.returncode != 0:
-            sys.exit(f"child failed ({proc.returncode}): {' '.join(argv[:4])}\n{text[-2000:]}")
-        return json.loads(text.strip().splitlines()[-1]), usage.ru_maxrss * 1024  # kB on Linux
-
-
-def gb(n: float) -> str:
-    return f"{n / 1e9:.2f}"
 
 
 def main() -> None:
@@ -94,12 +64,13 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="qlora-export-scale-", dir=args.tmp))
         try:
             t = time.perf_counter()
-            facts, _ = run_child([sys.executable, "-c", WRITE, str(HERE), shape, layers or "0",
-                                  str(args.rank), str(tmp / "adapter")])
+            facts = last_json(run_child([sys.executable, str(HERE / "_shapes.py"), shape, layers or "0",
+                                         str(args.rank), str(tmp / "adapter")])[0])
             print(f"{spec}: {facts['params'] / 1e9:.3f}B params, {gb(facts['bytes'])} GB bf16; adapter r "
                   f"{args.rank} on {facts['linears']} linears ({time.perf_counter() - t:.0f}s to write)", flush=True)
-            child, maxrss = run_child([sys.executable, "-c", EXPORT, str(tmp / "adapter"), str(tmp / "out"),
-                                       "0" if args.no_verify else "1", args.device])
+            out, maxrss = run_child([sys.executable, "-c", EXPORT, str(tmp / "adapter"), str(tmp / "out"),
+                                     "0" if args.no_verify else "1", args.device])
+            child = last_json(out)
             r = child["report"]
             row = {"shape": spec, "params": facts["params"], "checkpoint_bytes": facts["bytes"],
                    "peak_rss": child["peak_rss"], "ru_maxrss": maxrss, "baseline_rss": child["baseline_rss"],
@@ -114,7 +85,7 @@ def main() -> None:
                      f"{row['relative_error']:.2%} of the adapter's change (projection "
                      f"{row['scale_error']:+.2%}), worst layer {row['worst_layer_error']:.2%}"
                      if row["verify_seconds"] is not None else ""), flush=True)
-            if not args.keep_checkpoints:
+            if facts["synthetic"] and not args.keep_checkpoints:  # never the real stories260K
                 shutil.rmtree(facts["base"], ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Publish folders atomically: write everything into a temporary sibling, then rename.
+"""Publish folders (and groups of files) atomically: write into a temporary sibling, then rename.
 
     RUNS/merged                                   what readers see: complete or absent
     RUNS/.merged.tmp-HOST-PID-RANDOM              being written by process PID on HOST
@@ -34,7 +34,7 @@ def write_atomically(out_dir: Path, write) -> None:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = _temporary(out_dir)
     os.mkdir(tmp)  # not mkdtemp: its 0700 would make the published folder private
     try:
         write(tmp)
@@ -53,6 +53,36 @@ def write_atomically(out_dir: Path, write) -> None:
         raise
 
 
+def write_files_atomically(outputs: dict[Path, object]) -> None:
+    """Publish several files together: run each `write(tmp_path)` into a temporary sibling of
+    its path (`.NAME.tmp-HOST-PID-RANDOM`, as for folders), then rename them all into place
+    (replacing existing files only then).
+
+    If any write raises, every temporary file is removed and nothing is published; a kill
+    leaves at most hidden temporaries, never a half-written NAME, and the next write of NAME
+    removes them.
+    """
+    tmps: dict[Path, Path] = {}
+    try:
+        for path, write in outputs.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_siblings(path)
+            tmps[path] = _temporary(path)
+            with open(tmps[path], "xb"):
+                pass
+            os.chmod(tmps[path], 0o666 & ~_umask())  # whatever `write` does, the usual mode
+            write(tmps[path])
+            with open(tmps[path], "rb") as fh:  # durable before the rename publishes it
+                os.fsync(fh.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def _replace(tmp: Path, out_dir: Path) -> None:
     """Put tmp's content at out_dir and delete the previous out_dir."""
     if _exchange(tmp, out_dir):
@@ -60,10 +90,16 @@ def _replace(tmp: Path, out_dir: Path) -> None:
         return
     # No atomic exchange here: move the old folder aside first. A kill between the two
     # renames leaves NAME absent and `.NAME.old-*` present; remove_stale_siblings puts it back.
-    old = out_dir.with_name(f".{out_dir.name}.old-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+    old = _temporary(out_dir, "old")
     out_dir.rename(old)
     tmp.rename(out_dir)
     shutil.rmtree(old)
+
+
+def _temporary(path: Path, kind: str = "tmp") -> Path:
+    """The hidden sibling this process writes `path` into (or moves it aside to, "old"):
+    host and pid in the name tell the next writer whether its owner is still alive."""
+    return path.with_name(f".{path.name}.{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def remove_stale_siblings(out_dir: Path) -> list[Path]:
@@ -78,8 +114,10 @@ def remove_stale_siblings(out_dir: Path) -> list[Path]:
             continue
         if m.group(1) == "old" and not out_dir.exists():
             sibling.rename(out_dir)
-        else:
+        elif sibling.is_dir() and not sibling.is_symlink():
             shutil.rmtree(sibling, ignore_errors=True)
+        else:  # a file of write_files_atomically
+            sibling.unlink(missing_ok=True)
         done.append(sibling)
     return done
 

@@ -34,7 +34,7 @@ def _train(args) -> None:
     else:
         raise QloraError("train needs a RECIPE file or --resume RUN_DIR")
     _check_paths(recipe)
-    summary = train(recipe, resume=bool(args.resume))
+    summary = train(recipe, resume=bool(args.resume), overwrite=args.overwrite)
     line = f"done: {summary['steps']} steps; adapter in {Path(summary['run_dir']) / 'adapter'}"
     if "eval_loss" in summary:
         line += f"; eval loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f})"
@@ -52,10 +52,14 @@ def _check_paths(recipe) -> None:
 
 
 def _export(args) -> None:
+    if args.format != "safetensors":
+        return _export_gguf(args)
     from .export import export
-    report = export(args.source, args.out, dtype=args.dtype, merge_into=args.merge_into,
-                    max_shard_size=args.max_shard_size, force=args.force,
-                    verify=not args.no_verify, base=args.base, device=args.device)
+    if args.dtype == "q8_0" or args.base_only:
+        raise QloraError(f"{'--dtype q8_0' if args.dtype == 'q8_0' else '--base-only'} is for --format gguf")
+    report = export(args.source, args.out, dtype={"f16": "fp16"}.get(args.dtype, args.dtype),
+                    merge_into=args.merge_into, max_shard_size=args.max_shard_size or "5GB",
+                    force=args.force, verify=not args.no_verify, base=args.base, device=args.device)
     line = (f"exported {report['tensors_merged']} merged tensors to {report['out']} "
             f"({report['dtype']}, {report['shards']} shard(s))")
     if report.get("verified"):
@@ -64,6 +68,31 @@ def _export(args) -> None:
     elif report.get("relative_error") is not None:
         line += f"; logits differ from the adapter on its 4-bit base by {report['relative_error']:.2%} of its effect (not enforced)"
     print(line)
+
+
+def _export_gguf(args) -> None:
+    from .gguf_export import export_gguf, export_gguf_lora
+    if args.max_shard_size is not None:
+        raise QloraError("--max-shard-size is for --format safetensors (a GGUF is one file)")
+    if args.format == "gguf-lora":
+        if args.merge_into != "dequantized" or args.base_only:
+            raise QloraError(f"{'--base-only' if args.base_only else '--merge-into'} does not apply to "
+                             "--format gguf-lora (the adapter alone, merged into nothing)")
+        r = export_gguf_lora(args.source, args.out, dtype=args.dtype, force=args.force,
+                             verify=not args.no_verify, base=args.base)
+        print(f"exported {r['modules']} LoRA pairs (r {r['rank']}, alpha {r['lora_alpha']:g}) to {r['out']}\n"
+              f"run it on a base GGUF (e.g. qlora export {args.source} --format gguf --base-only): "
+              f"llama-cli -m BASE.gguf --lora {r['out']}")
+        return
+    r = export_gguf(args.source, args.out, dtype=args.dtype, merge_into=args.merge_into,
+                    base_only=args.base_only, force=args.force, verify=not args.no_verify, base=args.base,
+                    device=args.device)
+    from .ollama import ollama_name
+    name = ollama_name(Path(r["out"]).stem)
+    what = "the base alone" if r["base_only"] else f"{r['tensors_merged']} merged tensors"
+    print(f"exported {what} to {r['out']} ({r['architecture']}, {r['dtype']}, tokenizer {r['tokenizer']}"
+          + (f", all {r['verified_tensors']} tensors verified" if r["verified"] else "") + f") and {r['modelfile']}\n"
+          f"run it: llama-cli -m {r['out']}   |   ollama create {name} -f {r['modelfile']} && ollama run {name}")
 
 
 def _resolved(args):
@@ -107,6 +136,26 @@ def _eval(args) -> None:
           f"in {r['examples']} examples")
 
 
+def _inspect(args) -> None:
+    import json
+    from .inspect_adapter import format_report, inspect_adapters
+    if args.base_weights is not None and args.base is None:
+        raise QloraError("--base-weights needs --base MODEL")
+    report = inspect_adapters(args.adapter, args.other, base=args.base,
+                              base_weights=args.base_weights or "dequantized", layers=args.layers,
+                              out=args.out, force=args.force)
+    wrote = f"wrote {', '.join(report.files)} to {report.out}" if report.out else None
+    if args.json:
+        print(json.dumps({"layers": report.layers}))
+        for note in ([wrote] if wrote else []) + ([f"no similarity for module(s) in only one adapter: "
+                                                   f"{', '.join(report.skipped)}"] if report.skipped else []):
+            print(f"qlora: {note}", file=sys.stderr)
+        return
+    print(format_report(report))
+    if wrote:
+        print(wrote)
+
+
 def _demo(args) -> None:
     from .demo import run_demo
     run_demo(Path(args.out), steps=args.steps)
@@ -122,29 +171,47 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune a model from a YAML recipe.", epilog=_recipe_help())
     t.add_argument("recipe", nargs="?", help="recipe YAML file (see recipes/)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest complete checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest intact checkpoint (a run that stopped before "
+                        "its first checkpoint starts over)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in train.output_dir instead of refusing to touch it")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (repeatable), e.g. --set train.max_steps=100")
     t.set_defaults(func=_train)
 
     device_help = "cpu, cuda or cuda:N (default: cuda when a GPU is available, else cpu)"
-    e = sub.add_parser("export", help="merge an adapter into a full fp16/bf16 Hugging Face checkpoint",
+    e = sub.add_parser("export", help="merge an adapter into a full fp16/bf16 Hugging Face checkpoint, or GGUF",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXPORT_EPILOG,
                        description="Dequantize the NF4 base, add (alpha/r)*B*A, write sharded safetensors "
-                                   "that plain transformers loads, then verify them against the adapter on its "
-                                   "4-bit base one decoder layer at a time. Streams tensor by tensor and layer by "
-                                   "layer: memory grows with the largest layer, not the model.")
+                                   "that plain transformers loads and verify them against the adapter on its "
+                                   "4-bit base one decoder layer at a time, or write one GGUF file for "
+                                   "llama.cpp / Ollama (--format gguf, with an Ollama Modelfile beside it), or "
+                                   "the adapter alone as a GGUF LoRA (--format gguf-lora). Streams tensor by "
+                                   "tensor and layer by layer: memory grows with the largest weight matrix "
+                                   "(about 7x it while re-quantizing), not the model.")
     e.add_argument("source", help="run directory, checkpoint directory or adapter directory")
-    e.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
-    e.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="output dtype (default fp16)")
+    e.add_argument("--out", required=True, help="output folder (safetensors: must be empty or absent unless "
+                                                "--force), or the .gguf file (must not exist unless --force)")
+    e.add_argument("--format", choices=["safetensors", "gguf", "gguf-lora"], default="safetensors",
+                   help="safetensors (default): a Hugging Face folder; gguf: one llama.cpp file plus an Ollama "
+                        "Modelfile; gguf-lora: the adapter alone, for llama.cpp --lora")
+    e.add_argument("--dtype", choices=["fp16", "f16", "bf16", "q8_0"], default="fp16",
+                   help="weight type (default fp16, which GGUF calls f16); q8_0: GGUF only, 8-bit blocks of "
+                        "32 (every row width must be a multiple of 32)")
+    e.add_argument("--base-only", action="store_true",
+                   help="--format gguf: write the base alone (as training saw it), the base for gguf-lora adapters")
     e.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized",
                    help="merge into the dequantized NF4 weights training saw (default), or into the "
                         "original 16-bit base weights")
-    e.add_argument("--max-shard-size", default="5GB", help="largest shard file (default 5GB)")
+    e.add_argument("--max-shard-size", help="largest shard file (default 5GB; safetensors only)")
     e.add_argument("--base", help="base model path when the adapter does not name one")
     e.add_argument("--device", help=f"where to merge and verify: {device_help}")
-    e.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    e.add_argument("--force", action="store_true",
+                   help="replace an existing output (folder, or .gguf and its Modelfile) once the new one is complete")
     e.add_argument("--no-verify", action="store_true",
-                   help="skip comparing the export with the adapter on its 4-bit base, layer by layer")
+                   help="skip the check before publishing (safetensors: the export against the adapter on its "
+                        "4-bit base, layer by layer; gguf: re-read every tensor and compare it with the merge)")
     e.set_defaults(func=_export)
 
     g = sub.add_parser("generate", help="generate text from a run, checkpoint, adapter or model folder",
@@ -174,6 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", help=device_help)
     v.set_defaults(func=_eval)
 
+    i = sub.add_parser("inspect", help="rank analysis of an adapter; subspace similarity of two",
+                       description="Per adapted layer: the singular values of scaling*B*A (through the "
+                                   "r x r core, never the full matrix), entropy effective rank, how many exceed "
+                                   "1% of the largest, and with --base ||dW||/||W||. With OTHER: the LoRA paper's "
+                                   "subspace similarity phi(A1, A2, i, j) as a table and one heat-map PNG per "
+                                   "layer type.")
+    i.add_argument("adapter", metavar="ADAPTER", help="run directory, checkpoint directory or adapter directory")
+    i.add_argument("other", metavar="OTHER", nargs="?", help="a second adapter to compare with (same base model)")
+    i.add_argument("--base", metavar="MODEL", help="base model: also report ||dW||_F / ||W||_F (streamed tensor by tensor)")
+    i.add_argument("--base-weights", choices=["dequantized", "original"], default=None,
+                   help="W as training saw it, re-quantized with the run's settings (default), or the "
+                        "original checkpoint weight")
+    i.add_argument("--layers", nargs="+", metavar="TYPE",
+                   help="layer types (q_proj ...) or full module names to analyse, one heat-map each "
+                        "(default: every type)")
+    i.add_argument("--json", action="store_true",
+                   help='print {"layers": {MODULE: {"singular_values": [...], "similarity": [[...]]...}}}')
+    i.add_argument("--out", metavar="DIR", help="folder for the heat-maps and tables (two adapters; default: "
+                                 "inspect-NAME1-vs-NAME2 beside the first adapter's folder)")
+    i.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    i.set_defaults(func=_inspect)
+
     d = sub.add_parser("demo", help="the whole pipeline on a built-in tiny model and task (no downloads)",
                        description="Builds a small Llama-style model and tokenizer locally, makes a task "
                                    "dataset, then quantizes, trains LoRA, checkpoints, exports, reloads with "
@@ -184,6 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXPORT_EPILOG = """\
+run a GGUF export:
+  qlora export runs/demo --format gguf --out demo.gguf            # also writes demo.Modelfile
+  llama-cli -m demo.gguf                                          # llama.cpp chat (the chat template is embedded)
+  llama-server -m demo.gguf                                       # OpenAI-compatible server on :8080
+  ollama create demo -f demo.Modelfile && ollama run demo         # the Modelfile's header has the exact command
+
+one base GGUF, many adapters:
+  qlora export runs/demo --format gguf --base-only --out base.gguf
+  qlora export runs/demo --format gguf-lora --out demo-lora.gguf
+  llama-cli -m base.gguf --lora demo-lora.gguf
+  Ollama: a Modelfile with FROM <the base model> and ADAPTER ./demo-lora.gguf
+"""
+
+
 def _recipe_help() -> str:
     try:
         from .config import describe_fields
@@ -192,8 +296,19 @@ def _recipe_help() -> str:
         return ""
 
 
+def _quiet_libraries() -> None:
+    """Our own lines say what each phase did; `datasets` would add a progress bar per file,
+    split, filter and map on every run."""
+    try:
+        import datasets
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         args.func(args)
     except QloraError as e:

@@ -350,7 +350,7 @@ def export(source: str | Path, out: str | Path, *, dtype: str = "fp16",
     device = resolve_device(device)
     out = Path(out).expanduser()
     _check_out(out, force)
-    src = _adapter_source(source, base=base, quantization=quantization, double_quant=double_quant,
+    src = adapter_source(source, base=base, quantization=quantization, double_quant=double_quant,
                           compute_dtype=compute_dtype)
     for p in (src.model, src.adapter):
         r, o = p.resolve(), out.resolve()
@@ -399,7 +399,7 @@ def export(source: str | Path, out: str | Path, *, dtype: str = "fp16",
     }
 
 
-def _adapter_source(source, **overrides) -> ModelSource:
+def adapter_source(source, **overrides) -> ModelSource:
     """`resolve(source)`, which must hold an adapter: a run's final one, or a checkpoint named
     explicitly (a model to ship from a run that did not finish is the user's call)."""
     src = resolve(source, **overrides)
@@ -410,7 +410,19 @@ def _adapter_source(source, **overrides) -> ModelSource:
         ckpts = checkpoints(src.path)
         raise QloraError(f"{src.path}: run has no final adapter (adapter/{CONFIG_NAME} missing); "
                          f"export a checkpoint instead, e.g. {ckpts[-1]}")
+    check_16bit_base(src.model)
     return src
+
+
+def check_16bit_base(path: Path) -> None:
+    """The merge reads the base's own 16/32-bit weights. A pre-quantized 4-bit checkpoint
+    (prequantized.py: packed codes where the weights would be) trains, but cannot be merged
+    into: its codes would be copied as they are. Fails naming the fix."""
+    from .model import model_config
+    from .prequantized import prequantized_settings
+    if prequantized_settings(model_config(path), path) is not None:
+        raise QloraError(f"{path}: a pre-quantized 4-bit checkpoint; exporting (and --base for "
+                         "inspect) needs the 16-bit model it was quantized from: pass it with --base")
 
 
 def _export_info(src: ModelSource, dtype: str, merge_into: str, report: dict) -> dict:

@@ -34,6 +34,9 @@ def looks_like_hub_id(value: str) -> bool:
 def local_model_dir(name_or_path: str | Path) -> Path:
     """A local model folder; hub ids are downloaded (or taken from the cache) when online."""
     path = Path(name_or_path).expanduser()
+    if path.is_file():
+        raise QloraError(f"{path}: a file; a model is a folder with config.json and safetensors "
+                         "weights (or a hub id)")
     if path.exists():
         if not (path / "config.json").is_file():
             raise QloraError(f"{path}: not a model folder (no config.json)")

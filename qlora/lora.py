@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .dtypes import dtype_named
+from .dtypes import dtype_name, dtype_named
 from .model import target_linears
 
 
@@ -26,7 +26,11 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.r, self.scaling, self.dropout = s.r, s.scaling, s.dropout
-        dtype, device = dtype_named(s.dtype, "lora.dtype"), base_layer.weight.device
+        # lora.dtype auto follows the compute dtype this layer runs in (a 4-bit layer's own
+        # compute_dtype; a 16-bit layer's weight dtype): bf16 factors for bf16, else fp32.
+        compute = getattr(base_layer, "compute_dtype", None) or base_layer.weight.dtype
+        dtype = dtype_named(s.resolved_dtype(dtype_name(compute)), "lora.dtype")
+        device = base_layer.weight.device
         self.lora_A = nn.Linear(base_layer.in_features, s.r, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(s.r, base_layer.out_features, bias=False, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -94,14 +98,14 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def trainable_report(model: nn.Module) -> dict[str, int]:
     """Counts for the user: trainable (LoRA) parameters vs all parameters.
 
-    4-bit weights are stored two per byte; we count logical parameters (out * in).
+    4-bit weights are stored two per byte; we count logical parameters (out * in). A tied
+    embedding/head matrix is one parameter and counts once.
     """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = 0
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            qs = getattr(p, "quant_state", None)
-            total += math.prod(qs.shape) if qs is not None else p.numel()
+    for p in model.parameters():  # unique parameters
+        qs = getattr(p, "quant_state", None)
+        total += math.prod(qs.shape) if qs is not None else p.numel()
     return {"trainable": trainable, "total": total}
 
 

@@ -8,6 +8,7 @@ Peak memory is the 4-bit model plus one full-precision tensor.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import warnings
@@ -21,10 +22,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from . import quant
-from .dtypes import dtype_named
+from .dtypes import dtype_name, dtype_named
 from .errors import QloraError
 from .hub import local_model_dir, looks_like_hub_id, model_id
 from .memory import release_freed_memory
+from .offload import (attach_hooks, layer_slots, make_streamer, payload_bytes, recompute_context,
+                      resident_count)
+from .prequantized import (Prequantized, cache_folder, cache_problem, load_prequantized,
+                           prequantized_settings, save_cache, source_stamp)
 from .safetensors_io import checkpoint_files, iter_tensors
 
 
@@ -89,17 +94,15 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def build_skeleton(path: Path, quantization: str = "nf4", double_quant: bool = True,
-                   compute_dtype: torch.dtype = torch.bfloat16) -> tuple[PreTrainedModel, set[str]]:
+                   compute_dtype: torch.dtype = torch.bfloat16, config=None) -> tuple[PreTrainedModel, set[str]]:
     """The model of local folder `path` with no weights yet (parameters on the meta device,
     small buffers such as rotary frequencies real), its decoder linears already 4-bit
     placeholders unless `quantization` is "none"; and the checkpoint names of those
-    quantized weights. `compute_dtype` is the dtype of everything else."""
+    quantized weights. `compute_dtype` is the dtype of everything else; `config`, when the
+    caller has read it already, is `path`'s config."""
     if quantization not in (*quant.QUANT_TYPES, "none"):
         raise QloraError(f"model.quantization: expected nf4, fp4 or none, got {quantization!r}")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-        raise QloraError(f"{path / 'config.json'}: cannot read model config ({str(e).splitlines()[0]})") from None
+    config = config if config is not None else _read_config(path)
     with init_empty_weights(include_buffers=False):
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
@@ -118,32 +121,85 @@ def build_skeleton(path: Path, quantization: str = "nf4", double_quant: bool = T
 
 def load_model(name_or_path: str | Path, *, quantization: str = "nf4", double_quant: bool = True,
                compute_dtype: str | torch.dtype = "bfloat16",
-               device: str | torch.device | None = None) -> PreTrainedModel:
+               device: str | torch.device | None = None, offload: str = "none",
+               offload_dir: str | Path | None = None, resident_layers: int | str = "auto",
+               cache_dir: str | Path | None = None) -> PreTrainedModel:
     """Load a frozen causal LM: decoder linears as 4-bit `Linear4bit` (or 16-bit when
-    `quantization="none"`), everything else in `compute_dtype`. Streams from safetensors."""
+    `quantization="none"`), everything else in `compute_dtype`. Streams from safetensors.
+
+    A checkpoint that is already 4-bit (bitsandbytes' serialization, `prequantized.py`) loads
+    without quantizing; `quantization`/`double_quant` must match it. `cache_dir`: keep such a
+    copy of a 16-bit checkpoint there after the first load and load it from there later.
+    `offload` ("none", "cpu", "disk"): the 4-bit codes of all decoder layers but the first
+    `resident_layers` ("auto": what fits) live in pinned host memory or a file in
+    `offload_dir` and are streamed in per layer (`offload.py`).
+    """
     dtype = dtype_named(compute_dtype, "model.compute_dtype")
     device = resolve_device(device)
     path = local_model_dir(name_or_path)
-    model, quantized = build_skeleton(path, quantization, double_quant, dtype)
+    config = _read_config(path)
+    if offload != "none" and quantization == "none":
+        raise QloraError("model.offload streams 4-bit weights; it needs model.quantization nf4 or fp4")
 
-    files = checkpoint_files(path)
-    if files:
-        _stream_safetensors(model, files, quantized, dtype, device)
+    source, pre, cache = path, prequantized_settings(config, path), None
+    if pre is not None:
+        _check_matches(path, pre, quantization, double_quant)
+    elif cache_dir and quantization != "none":
+        wanted = Prequantized(quantization, double_quant)
+        stamp = source_stamp(path, wanted, dtype_name(dtype))
+        folder = cache_folder(Path(cache_dir), path, wanted, dtype_name(dtype))
+        problem = cache_problem(folder, stamp)
+        if problem is None:
+            source, pre = folder, wanted
+        else:
+            if problem != "absent":
+                warnings.warn(f"model.cache_dir: {folder} {problem}; rebuilding it", stacklevel=2)
+            cache = (folder, stamp, wanted)
+
+    model, quantized = build_skeleton(path, quantization, double_quant, dtype, config=config)
+    modules = {n[: -len(".weight")]: model.get_submodule(n[: -len(".weight")]) for n in quantized}
+    streamer = _make_streamer(model, offload, offload_dir, resident_layers, double_quant, dtype, device)
+    layer_of = _layer_index(model)
+
+    files = checkpoint_files(source)
+    if pre is not None:
+        load_prequantized(model, files, modules, pre, dtype, device,
+                          place=lambda n, t: place_tensor(model, n, t, set(), dtype, device),
+                          streamer=streamer, layer_of=layer_of)
+    elif files:
+        _stream_safetensors(model, files, quantized, dtype, device, streamer, layer_of)
     else:
         _load_torch_bin(model, path, quantized, dtype, device)
 
     if getattr(model.config, "tie_word_embeddings", False):
         # The checkpoint stores the shared matrix once; point the head at the embeddings.
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    # init_empty_weights left non-persistent buffers (rotary inv_freq) real, on the CPU.
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta and buf.device != device:
+                module._buffers[key] = buf.to(device)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise QloraError(f"{path}: checkpoint has no tensor for {missing[0]}"
+        raise QloraError(f"{source}: checkpoint has no tensor for {missing[0]}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False  # the KV cache is useless (and costs memory) in training
     model.qlora_source = model_id(name_or_path)  # the base adapters record: hub id or local path
+    model.qlora_prequantized = pre is not None and source == path  # no 16-bit original exists
+    if streamer is not None:
+        model.qlora_streamer = streamer
+        attach_hooks(streamer)
+    if cache is not None:
+        folder, stamp, wanted = cache
+        save_cache(model, folder, path, path, stamp, wanted, dtype_name(dtype))
     return model
+
+
+def model_config(name_or_path: str | Path):
+    """The model's config.json as a transformers config, without reading any weight."""
+    return _read_config(local_model_dir(name_or_path))
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -164,13 +220,62 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def _stream_safetensors(model, files, quantized, dtype, device) -> None:
+def _read_config(path: Path):
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        raise QloraError(f"{path / 'config.json'}: cannot read model config ({str(e).splitlines()[0]})") from None
+
+
+def _check_matches(path: Path, pre: Prequantized, quantization: str, double_quant: bool) -> None:
+    """A pre-quantized checkpoint fixes the 4-bit format; asking for another is an error."""
+    if quantization == "none":
+        raise QloraError(f"{path}: the checkpoint is already {pre.quant_type} 4-bit; it cannot be "
+                         "loaded as model.quantization none (use its 16-bit original)")
+    if quantization != pre.quant_type:
+        raise QloraError(f"model.quantization: {quantization}, but {path} is pre-quantized as "
+                         f"{pre.quant_type} (set model.quantization: {pre.quant_type})")
+    if double_quant != pre.double_quant:
+        raise QloraError(f"model.double_quant: {str(double_quant).lower()}, but {path} was quantized "
+                         f"with double_quant {str(pre.double_quant).lower()}")
+
+
+def _make_streamer(model, offload, offload_dir, resident_layers, double_quant, dtype, device):
+    if offload == "none":
+        return None
+    layers = decoder_layers(model)
+    layer_bytes = payload_bytes(layer_slots(layers[0], double_quant, quant.BLOCKSIZE))
+    in_layers = {id(p) for p in layers.parameters()}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in in_layers) * dtype.itemsize
+    resident = resident_count(resident_layers, len(layers), layer_bytes, device, other)
+    return make_streamer(layers, home=offload, folder=None if offload_dir is None else Path(offload_dir),
+                         resident=resident, double_quant=double_quant, blocksize=quant.BLOCKSIZE,
+                         device=device)
+
+
+def _layer_index(model):
+    """`module name -> decoder layer index` (None outside the decoder layers)."""
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers) + "."
+
+    def layer_of(name: str) -> int | None:
+        if not name.startswith(prefix):
+            return None
+        return int(name[len(prefix):].split(".", 1)[0])
+    return layer_of
+
+
+def _stream_safetensors(model, files, quantized, dtype, device, streamer=None, layer_of=None) -> None:
     expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     for i, (name, tensor) in enumerate(iter_tensors(files)):
         if name not in expected:
             continue  # e.g. rotary caches some old checkpoints carry; the model rebuilds them
         place_tensor(model, name, tensor, quantized, dtype, device)
         del tensor
+        if streamer is not None and name in quantized:
+            layer = layer_of(name)
+            if layer in streamer.slots:  # to its home as soon as it is quantized
+                streamer.adopt(layer, model.get_submodule(name[: -len(".weight")]))
         if i % 16 == 15:
             release_freed_memory()
     release_freed_memory()
@@ -233,18 +338,41 @@ def enable_gradient_checkpointing(model: PreTrainedModel, keep_matmul_layers: in
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    for layer in decoder_layers(model)[:keep_matmul_layers]:
+    # transformers also hooks the embeddings so their output requires grad (a crutch for
+    # reentrant checkpointing). With frozen embeddings that only makes backward compute input
+    # gradients for layer 0's q/k/v (a dequantize and a GEMM each) that nothing uses.
+    model.disable_input_require_grads()
+    streamer = getattr(model, "qlora_streamer", None)
+    for i, layer in enumerate(decoder_layers(model)):
+        keep = i < keep_matmul_layers
+        if not keep and streamer is None:
+            continue  # transformers' own checkpoint call is all this layer needs
         if not isinstance(layer, GradientCheckpointingLayer):
             raise QloraError(f"{type(layer).__name__} does not checkpoint itself per layer, so "
-                             "it cannot keep matmul outputs (set train.keep_matmuls_gb=0)")
+                             "it cannot keep matmul outputs or stream its weights "
+                             "(set train.keep_matmuls_gb=0 and model.offload=none)")
         # transformers' GradientCheckpointingLayer calls this attribute to checkpoint itself
         layer._gradient_checkpointing_func = functools.partial(
-            checkpoint, use_reentrant=False, context_fn=functools.partial(_keep_contexts, layer))
+            checkpoint, use_reentrant=False,
+            context_fn=functools.partial(_layer_contexts, layer, i, keep, streamer))
 
 
-def _keep_contexts(layer):
-    """(context of the original forward, context of the recompute) for torch's checkpoint."""
-    return quant.keeping_outputs(layer, "forward"), quant.keeping_outputs(layer, "recompute")
+def _layer_contexts(layer, i, keep, streamer):
+    """(context of the original forward, context of the recompute) for torch's checkpoint.
+
+    The recompute does not pass through module hooks (transformers checkpoints `forward`,
+    not `__call__`), so this is where a streamed layer learns that it is needed again."""
+    return _phase(layer, i, keep, None, "forward"), _phase(layer, i, keep, streamer, "recompute")
+
+
+@contextlib.contextmanager
+def _phase(layer, i, keep, streamer, phase):
+    with contextlib.ExitStack() as stack:  # entered only when checkpoint enters this phase
+        if streamer is not None:
+            stack.enter_context(recompute_context(streamer, i))
+        if keep:
+            stack.enter_context(quant.keeping_outputs(layer, phase))
+        yield
 
 
 def matmul_output_bytes(model: nn.Module, tokens: int) -> int:

@@ -80,28 +80,13 @@ def resolve(source: str | Path, *, base: str | Path | None = None, quantization:
     adapter resolves to its latest checkpoint (`final` False).
     """
     path = Path(source).expanduser()
-    recipe_file, final = None, True
-    if (path / "recipe.yaml").is_file() and not (path / CONFIG_NAME).is_file():  # a run
-        kind, recipe_file = "run", path / "recipe.yaml"
-        adapter = path / "adapter"
-        if not (adapter / CONFIG_NAME).is_file():
-            ckpts = checkpoints(path)
-            if not ckpts:
-                raise QloraError(f"{path}: run has no adapter yet (no {adapter.name}/{CONFIG_NAME} "
-                                 "and no checkpoint-N folder)")
-            adapter, final = ckpts[-1], False
-    elif (path / CONFIG_NAME).is_file():  # an adapter, RUN/adapter or RUN/checkpoint-N
-        adapter = path
-        if (path.parent / "recipe.yaml").is_file():
-            recipe_file = path.parent / "recipe.yaml"
-        kind = "checkpoint" if recipe_file and CHECKPOINT_PATTERN.match(path.name) else "adapter"
-    elif (path / "adapter" / CONFIG_NAME).is_file():
-        kind, adapter = "adapter", path / "adapter"
-    elif (path / "config.json").is_file() or (not path.exists() and looks_like_hub_id(str(source))):
-        return _full_model(source, base)
-    else:
+    found = locate_adapter(path)
+    if found is None:
+        if (path / "config.json").is_file() or (not path.exists() and looks_like_hub_id(str(source))):
+            return _full_model(source, base)
         raise QloraError(f"{source}: not a run, checkpoint, adapter or model folder "
                          f"(no recipe.yaml, {CONFIG_NAME} or config.json)")
+    kind, adapter, recipe_file, final = found.kind, found.adapter, found.recipe, found.final
 
     _, cfg = read_adapter_config(adapter)
     recipe = None
@@ -119,6 +104,41 @@ def resolve(source: str | Path, *, base: str | Path | None = None, quantization:
         path=path, kind=kind, model=base_path, model_id=model_id(base_name), adapter=adapter,
         quant=q, tokenizer=recipe.model.tokenizer if own_tokenizer else str(base_path),
         data_format=_data_format(recipe), settings_from=origin, final=final)
+
+
+@dataclass
+class AdapterLocation:
+    """Where the adapter of a run, checkpoint or adapter folder is."""
+    kind: str
+    """"run", "checkpoint" or "adapter"."""
+    adapter: Path
+    """The folder holding adapter_config.json."""
+    recipe: Path | None
+    """The run's recipe.yaml (for a run and its checkpoints), else None."""
+    final: bool
+    """False when a run without its final adapter points to its latest checkpoint."""
+
+
+def locate_adapter(path: Path) -> AdapterLocation | None:
+    """The adapter that folder `path` names: its own (an adapter, RUN/adapter or
+    RUN/checkpoint-N), a run's final one, or a run's latest checkpoint when the run did not
+    finish. None when `path` holds no adapter (a model folder, a hub id, nothing). Reads no
+    weights and no base: `qlora inspect` needs only this."""
+    if (path / "recipe.yaml").is_file() and not (path / CONFIG_NAME).is_file():  # a run
+        if (path / "adapter" / CONFIG_NAME).is_file():
+            return AdapterLocation("run", path / "adapter", path / "recipe.yaml", True)
+        ckpts = checkpoints(path)
+        if not ckpts:
+            raise QloraError(f"{path}: run has no adapter yet (no adapter/{CONFIG_NAME} "
+                             "and no checkpoint-N folder)")
+        return AdapterLocation("run", ckpts[-1], path / "recipe.yaml", False)
+    if (path / CONFIG_NAME).is_file():  # an adapter, RUN/adapter or RUN/checkpoint-N
+        recipe = path.parent / "recipe.yaml" if (path.parent / "recipe.yaml").is_file() else None
+        kind = "checkpoint" if recipe and CHECKPOINT_PATTERN.match(path.name) else "adapter"
+        return AdapterLocation(kind, path, recipe, True)
+    if (path / "adapter" / CONFIG_NAME).is_file():
+        return AdapterLocation("adapter", path / "adapter", None, True)
+    return None
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -170,7 +190,8 @@ def _data_format(recipe) -> str | None:
     from .data import format_of, load_raw
     try:
         return format_of(load_raw(recipe.data.path, split=recipe.data.split,
-                                  config_name=recipe.data.config_name), recipe.data.path)
+                                  config_name=recipe.data.config_name), recipe.data.path,
+                         recipe.data.skip_malformed)
     except QloraError as e:
         log.warning("cannot tell the run's data format (%s); prompts use the default rendering", e)
         return None

@@ -341,6 +341,26 @@ def test_bad_sources_and_options(stories_adapter, tmp_path):
     assert math.isclose(parse_size(1234), 1234)
 
 
+def test_a_prequantized_base_is_refused_and_its_16bit_original_exports(stories_adapter, tmp_path):
+    """An adapter trained on a pre-quantized 4-bit checkpoint (model.cache_dir's copy, or a
+    `*-bnb-4bit` repository): its packed codes are no weights to merge into. Export and GGUF
+    export fail naming the fix; with --base the 16-bit original, the export verifies (its
+    4-bit round trip gives exactly the pre-quantized codes)."""
+    from qlora.gguf_export import export_gguf
+    base, adapter = stories_adapter
+    load_model(base, device="cpu", cache_dir=tmp_path / "cache")
+    (prequantized,) = (tmp_path / "cache").iterdir()
+    on_4bit = tmp_path / "adapter"
+    shutil.copytree(adapter, on_4bit)
+    cfg = json.loads((on_4bit / "adapter_config.json").read_text())
+    (on_4bit / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path": str(prequantized)}))
+    for fn, out in ((export, tmp_path / "out"), (export_gguf, tmp_path / "out.gguf")):
+        with pytest.raises(QloraError, match=r"pre-quantized 4-bit checkpoint.*16-bit model.*--base"):
+            fn(on_4bit, out)
+        assert not out.exists()
+    assert export(on_4bit, tmp_path / "out", base=base)["verified"]
+
+
 # --------------------------------------------------------------------------- kill safety
 
 

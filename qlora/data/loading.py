@@ -50,6 +50,8 @@ def _load_local(files: list[Path], label: str, split: str, cache_dir: str | None
     for f in files:
         if _is_blank(f):
             raise QloraError(f"{f}: data file is empty")
+        if f.suffix.lower() != ".parquet":
+            _check_utf8(f)
     try:
         ds = datasets.load_dataset(
             builders.pop(), data_files=[str(f) for f in files], split=split, cache_dir=cache_dir
@@ -68,6 +70,29 @@ def _load_hub(name: str, split: str, config_name: str | None, cache_dir: str | N
         raise QloraError(
             f"data file not found: {name} (and loading it from the hub failed: {_one_line(err)})"
         ) from err
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """Text data must be UTF-8: pyarrow's parser would only say "Invalid value" of a row.
+    Decoded incrementally, so a multi-GB file costs one read, not its size in memory."""
+    import codecs
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                at = offset + e.start
+                line += block[:e.start].count(b"\n")
+                raise QloraError(f"{path}: not UTF-8 text (byte 0x{block[e.start]:02x} at offset {at}, "
+                                 f"line {line}); re-save the file as UTF-8") from None
+            offset += len(block)
+            line += block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise QloraError(f"{path}: not UTF-8 text (it ends inside a multi-byte character)") from None
 
 
 def _is_blank(path: Path) -> bool:
