@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-STORIES = Path("/work/shared/assets/models/stories260K")
+# The real stories260K checkpoint, found the way the tests find assets: $QLORA_ASSETS, else
+# shared/assets next to the checkout.
+ASSETS = Path(os.environ.get("QLORA_ASSETS") or Path(__file__).resolve().parents[2] / "shared" / "assets")
+STORIES = ASSETS / "models" / "stories260K"
 CACHE = Path(os.environ.get("QLORA_BENCH_CACHE", "/tmp/qlora-bench"))
 SHARD_BYTES = 2 * 1024**3
 STD = 0.02

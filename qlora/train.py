@@ -34,6 +34,7 @@ from .model import (DTYPES, decoder_layers, enable_gradient_checkpointing, load_
                     load_tokenizer, matmul_layers_within)
 from .memory import release_if_grown, release_memory_per_layer
 from .optim import build_optimizer, build_scheduler
+from .plan import check_fits
 
 
 @dataclass
@@ -62,13 +63,15 @@ class Run:
 
 # ----------------------------------------------------------------------------- setup
 
-def setup(recipe: Recipe, resume: bool = False) -> Run:
+def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     r, t = recipe, recipe.train
     run_dir = Path(t.output_dir)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     if acc.is_main_process:
         _check_run_dir(run_dir, resume)
     acc.wait_for_everyone()
+    if not force:  # before anything is loaded or written: a recipe that cannot fit stops here
+        check_fits(recipe, acc.device, acc.num_processes)
 
     tokenizer = load_tokenizer(r.model.tokenizer or r.model.name_or_path)
     ensure_pad_token(tokenizer)
@@ -328,8 +331,8 @@ def finish(run: Run) -> dict:
     return summary
 
 
-def train(recipe: Recipe, resume: bool = False) -> dict:
-    run = setup(recipe, resume=resume)
+def train(recipe: Recipe, resume: bool = False, force: bool = False) -> dict:
+    run = setup(recipe, resume=resume, force=force)
     return fit(run)
 
 
