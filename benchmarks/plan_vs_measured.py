@@ -12,8 +12,10 @@ resident memory of the whole run, loading included. The parent asks `qlora.plan`
 recipe on `--device cpu` and prints predicted vs measured. Two steps are enough: the optimizer
 state exists from the second step on, and later steps repeat it.
 
-`--from-json FILE` prints the table again from saved measurements, with the predictions of the
-current `qlora.plan` (the measurements do not depend on it).
+`--configs SEQ:R:KEEP,...` runs those configurations instead of the full product (e.g. a half
+fraction of it where every value still appears, for the 7B shape: each run takes minutes).
+`--from-json FILE...` prints the table again from saved measurements, with the predictions of
+the current `qlora.plan` (the measurements do not depend on it).
 Random-weight checkpoints come from _shapes.py (`/tmp/qlora-bench`, `QLORA_BENCH_CACHE`).
 """
 
@@ -110,9 +112,10 @@ def main() -> None:
     ap.add_argument("--seqs", default="256,1024")
     ap.add_argument("--ranks", default="16,64")
     ap.add_argument("--keeps", default="0,1.0", help="train.keep_matmuls_gb values")
+    ap.add_argument("--configs", help="SEQ:R:KEEP,... instead of the product of --seqs, --ranks, --keeps")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the measurements here (after each configuration)")
-    ap.add_argument("--from-json", type=Path, help="print the table from saved measurements")
+    ap.add_argument("--from-json", type=Path, nargs="+", help="print the table from saved measurements")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -123,7 +126,7 @@ def main() -> None:
         print(RESULT + json.dumps(worker(args)), flush=True)
         return
     if args.from_json:
-        print(table(json.loads(args.from_json.read_text())["results"]))
+        print(table([r for f in args.from_json for r in json.loads(f.read_text())["results"]]))
         return
 
     import _shapes
@@ -132,10 +135,12 @@ def main() -> None:
         print(f"skip stories260K: {_shapes.STORIES} absent", flush=True)
         shapes.remove("stories260K")
     results = []
-    configs = itertools.product(shapes, [int(s) for s in args.seqs.split(",")],
-                                [int(r) for r in args.ranks.split(",")],
-                                [float(k) for k in args.keeps.split(",")])
-    for shape, seq, rank, keep in configs:
+    if args.configs:
+        runs = [(int(q), int(r), float(k)) for q, r, k in (c.split(":") for c in args.configs.split(","))]
+    else:
+        runs = list(itertools.product([int(s) for s in args.seqs.split(",")], [int(r) for r in args.ranks.split(",")],
+                                      [float(k) for k in args.keeps.split(",")]))
+    for shape, (seq, rank, keep) in itertools.product(shapes, runs):
         _shapes.model_path(shape)  # written once, outside the measured process
         r = measure(shape, seq, rank, keep, args.steps)
         results.append(r)
@@ -144,7 +149,7 @@ def main() -> None:
               f"{r['wall_s']:.0f} s)", flush=True)
         if args.json:
             args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()
-                                                      if k in ("shapes", "seqs", "ranks", "keeps", "steps")},
+                                                      if k in ("shapes", "seqs", "ranks", "keeps", "configs", "steps")},
                                              "results": results}, indent=1))
     print()
     print(table(results))

@@ -25,9 +25,13 @@ max_seq_len tokens, C hidden, F intermediate, V vocabulary, L layers, r LoRA ran
                      (qlora/quant.py) plus the GEMM's packed copies; the whole weight on CUDA
   allocator          CPU: freed heap glibc has not handed back (qlora/memory.py trims it once it
                      grows LAYER_TRIM_BUDGET); CUDA: the caching allocator's unused reserve
+  loading            while loading: the checkpoint tensor being read, cast and quantized
 
 The peak is the largest of five moments: loading, a layer's forward, the loss, a layer's
 backward (under checkpointing it starts by recomputing the layer) and the optimizer step.
+Evaluation (no gradients, nothing saved) and sample generation need less than a training step.
+Every sequence is taken to be max_seq_len long (packing makes it so; padding to the longest in
+a batch can only be shorter).
 `Plan.terms` holds what each term contributes at the peak, so they add up to `peak_bytes`.
 Offloading layers to the host, once it exists, is one more term of this kind: the offloaded
 share of weights_4bit counted on the host instead of the device, and a lever in

@@ -20,8 +20,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .plan import Plan, Workload, estimate, kept_layers
-from .plan_terms import lora_tensors, matmul_output_bytes
+from .plan import Plan, estimate
+from .plan_terms import Workload, kept_layers, lora_tensors, matmul_output_bytes
 
 
 @dataclass
@@ -64,23 +64,22 @@ def step_flops(plan: Plan, w: Workload) -> float:
 
 
 def advise(plan: Plan, recipe) -> list[Change]:
-    """Single changes that fit, cheapest first; else the levers combined; [] if nothing fits."""
-    found = []
-    for lever in (_batch, _keep, _checkpointing, _optimizer, _rank, _seq):
-        change = lever(plan, recipe)
-        if change is not None:
-            found.append(change)
+    """Single changes that fit, cheapest first; when none does, one combination: levers in
+    order, each at its least setting that fits together with the ones before, else at its
+    extreme, skipping a lever that cannot close a tenth of the remaining gap (not worth its
+    cost). [] when nothing fits."""
+    found = [c for c in (lever(plan, recipe) for lever in LEVERS) if c is not None]
     if found:
         return found
     settings: dict[str, object] = {}
-    for lever in (_batch, _keep, _checkpointing, _optimizer, _rank, _seq):
+    peak = plan.peak_bytes
+    for lever in LEVERS:
+        hit = lever(plan, recipe, settings)
+        if hit is not None:
+            return [Change(hit.settings, hit.peak_bytes, "all of: " + "; ".join(_costs(plan, recipe, hit.settings)))]
         extreme = lever(plan, recipe, settings, extreme=True)
-        if extreme is None:
-            continue
-        settings = extreme.settings
-        if extreme.peak_bytes <= plan.device_bytes:
-            return [Change(settings, extreme.peak_bytes, "all of: " + "; ".join(
-                c for c in _costs(plan, recipe, settings)))]
+        if extreme is not None and peak - extreme.peak_bytes >= (peak - plan.device_bytes) / 10:
+            settings, peak = extreme.settings, extreme.peak_bytes
     return []
 
 
@@ -114,12 +113,8 @@ def _work_ratio(plan: Plan, recipe, settings) -> float:
 
 
 def _costs(plan, recipe, settings) -> list[str]:
-    out = []
-    for key, value in settings.items():
-        out.append(f"{key}={_yaml(value)}")
     ratio = _work_ratio(plan, recipe, settings)
-    out.append(f"{ratio - 1:+.0%} compute per token")
-    return out
+    return [f"{k}={_yaml(v)}" for k, v in settings.items()] + [f"{ratio - 1:+.0%} compute per token"]
 
 
 def _lever(plan, recipe, settings, candidates, extreme, describe):
@@ -187,3 +182,7 @@ def _seq(plan, recipe, settings=None, extreme=False):
     return _lever(plan, recipe, settings, cands, extreme, lambda s, r: (
         f"examples longer than {s['data.max_seq_len']} tokens are truncated (the answer is kept) "
         f"({r - 1:+.0%} compute per token)"))
+
+
+LEVERS = (_batch, _keep, _checkpointing, _optimizer, _rank, _seq)
+"""The levers, cheapest first (module docstring)."""

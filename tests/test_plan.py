@@ -4,8 +4,6 @@ bundled recipes' plans, and `qlora train` refusing a recipe that cannot fit."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -233,15 +231,20 @@ def _live_peak(fn) -> int:
     return peak
 
 
+@pytest.fixture(scope="module")
+def vocab_32k_model(tmp_path_factory) -> Path:
+    """Llama-2's vocabulary (the loss chunk at full size) on a narrow 2-layer body."""
+    return write_tiny_model(tmp_path_factory.mktemp("plan") / "v32k", dtype=torch.bfloat16, hidden_size=512,
+                            intermediate_size=1376, num_attention_heads=8, num_key_value_heads=8,
+                            num_hidden_layers=2, vocab_size=32000)
+
+
 @pytest.mark.parametrize("dropout,keep_layers,batch", [(0.05, 0, 1), (0.0, 2, 1), (0.1, 0, 2)])
-def test_a_training_steps_peak_against_the_profiler(tmp_path, dropout, keep_layers, batch):
+def test_a_training_steps_peak_against_the_profiler(vocab_32k_model, dropout, keep_layers, batch):
     """The step's transient terms at the predicted peak against the profiler's live peak of a
-    real step (after one step, so the optimizer state exists), on a model with a Llama-2
-    vocabulary (the loss chunk at full size) and a 1.3B-like width ratio. The kernels' own
-    scratch (oneDNN packs bf16 operands differently per CPU) is why this is not exact."""
-    path = write_tiny_model(tmp_path / "m", dtype=torch.bfloat16, hidden_size=512, intermediate_size=1376,
-                            num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=3, vocab_size=32000)
-    seq = 256
+    real step (after one step, so the optimizer state exists). The kernels' own scratch
+    (oneDNN packs bf16 operands differently per CPU) is why this is not exact."""
+    path, seq = vocab_32k_model, 256
     per_layer = seq * batch * (4 * 512 + 2 * 1376 + 512) * 2
     rec = recipe(path, r=16, dropout=dropout, seq=seq, batch=batch, optimizer="paged_adamw_8bit",
                  keep=keep_layers * per_layer / 1e9 * 1.01)
@@ -328,6 +331,9 @@ def test_the_papers_65b_fits_48gb_and_the_7b_recipes_24gb():
 
 
 def test_plan_json_and_bad_devices_on_the_command_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--help"])
+    assert e.value.code == 0 and "--device" in capsys.readouterr().out
     recipe_path = str(REPO / "recipes/guanaco-7b.yaml")
     assert main(["plan", recipe_path, "--device", "cpu:16GB", "--json", "--set", "lora.r=16"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -367,23 +373,50 @@ def _huge_model(tmp_path) -> Path:
     return folder
 
 
-def test_train_refuses_a_recipe_that_cannot_fit_and_writes_nothing(tmp_path):
+def test_train_refuses_a_recipe_that_cannot_fit_and_writes_nothing(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n")
     run_dir = tmp_path / "run"
     recipe_path = tmp_path / "huge.yaml"
     recipe_path.write_text(json.dumps({"model": {"name_or_path": str(_huge_model(tmp_path))},
                                        "data": {"path": str(data)}, "train": {"output_dir": str(run_dir)}}))
-    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "qlora", "train", str(recipe_path)], capture_output=True,
-                          text=True, env=env, cwd=tmp_path)
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(err) == 1 and err[0].startswith("qlora: error: ") and "--force" in err[0], proc.stderr
-    assert str(recipe_path) in err[0] and "GiB" in err[0]
+    assert main(["train", str(recipe_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qlora: error: ") and "--force" in err[0]
+    assert str(recipe_path) in err[0] and "GiB" in err[0] and "Traceback" not in err[0]
     assert not run_dir.exists()
     # --force skips the check: loading is what fails then (the folder has no tokenizer or weights)
-    proc = subprocess.run([sys.executable, "-m", "qlora", "train", str(recipe_path), "--force"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert proc.returncode == 2 and "--force" not in proc.stderr and "tokenizer" in proc.stderr
+    assert main(["train", str(recipe_path), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "--force" not in err and "tokenizer" in err
     assert not run_dir.exists()
+
+
+def test_readme_lists_the_current_plan_of_every_bundled_recipe(monkeypatch):
+    """README's table of the bundled recipes and its sanity rows are what the plan says now."""
+    monkeypatch.chdir(REPO)
+    readme = (REPO / "README.md").read_text()
+    listed = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0].startswith("recipes/") and cells[0].endswith(".yaml") and len(cells) == 6:
+            listed[cells[0]] = cells
+    assert sorted(listed) == [f"recipes/{p.name}" for p in RECIPES]
+    for name, cells in listed.items():
+        rec = load_recipe(REPO / name)
+        if not Path(rec.model.name_or_path).exists() and rec.model.name_or_path.startswith("/"):
+            continue  # the demo's model is a local asset
+        peak = plan_recipe(rec, "cuda:24GB").peak_bytes
+        assert cells[3] == f"{peak / 2**30:.2f}", name
+        for cell, size in ((cells[4], 24), (cells[5], 48)):
+            assert (cell == "fits") == (peak <= size * 2**30), (name, size)
+    llama = REPO / "recipes/llama31-8b-chat.yaml"
+    sanity = [
+        ("42.4 GiB", load_recipe(REPO / "recipes/guanaco-65b.yaml")),
+        ("8.16 GiB", load_recipe(llama, ["lora.r=8", "lora.dropout=0", "train.optimizer=adamw_torch",
+                                         "data.packing=true"])),
+        ("6.53 GiB", load_recipe(llama, ["train.batch_size=1", "data.max_seq_len=512", "train.optimizer=adamw_8bit"])),
+    ]
+    for text, rec in sanity:
+        peak = plan_recipe(rec, "cuda:48GB").peak_bytes / 2**30
+        assert f"{peak:.{len(text.split()[0].split('.')[1])}f} GiB" == text and text in readme
