@@ -74,7 +74,8 @@ class Workload:
                              f"({', '.join(LAYER_LINEARS)})")
         return cls(batch_size=t.batch_size, grad_accum=t.grad_accum, max_seq_len=d.max_seq_len,
                    masked=t.batch_size > 1 or d.packing, r=lo.r, targets=targets, dropout=lo.dropout > 0,
-                   lora_itemsize=ITEMSIZE[lo.dtype], compute_itemsize=ITEMSIZE[m.compute_dtype],
+                   lora_itemsize=ITEMSIZE[lo.resolved_dtype(m.compute_dtype)],
+                   compute_itemsize=ITEMSIZE[m.compute_dtype],
                    quantization=m.quantization, double_quant=m.double_quant, optimizer=t.optimizer,
                    checkpointing=t.gradient_checkpointing, keep_matmuls_gb=t.keep_matmuls_gb)
 
