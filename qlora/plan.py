@@ -26,6 +26,7 @@ max_seq_len tokens, C hidden, F intermediate, V vocabulary, L layers, r LoRA ran
   allocator          CPU: freed heap glibc has not handed back (qlora/memory.py trims it once it
                      grows LAYER_TRIM_BUDGET); CUDA: the caching allocator's unused reserve
   loading            while loading: the checkpoint tensor being read, cast and quantized
+  weights_offloaded, offload_ring   model.offload (below)
 
 The peak is the largest of five moments: loading, a layer's forward, the loss, a layer's
 backward (under checkpointing it starts by recomputing the layer) and the optimizer step.
@@ -33,9 +34,12 @@ Evaluation (no gradients, nothing saved) and sample generation need less than a 
 Every sequence is taken to be max_seq_len long (packing makes it so; padding to the longest in
 a batch can only be shorter).
 `Plan.terms` holds what each term contributes at the peak, so they add up to `peak_bytes`.
-Offloading layers to the host, once it exists, is one more term of this kind: the offloaded
-share of weights_4bit counted on the host instead of the device, and a lever in
-qlora.plan_advice.
+
+With model.offload (qlora/offload.py) only the first `resident_layers` layers keep their 4-bit
+codes and block scales on the device (weights_4bit); the others' live in the home, host memory
+or a file (Plan.offloaded_bytes, on the device only when it is the CPU's own memory:
+weights_offloaded), and two of them at a time are on the device while training runs
+(offload_ring).
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ from .config import Recipe
 from .errors import QloraError
 from .memory import LAYER_TRIM_BUDGET
 from .model_shapes import ModelShape, read_shape
-from .plan_terms import (Workload, kept_layers, layer_terms, load_terms, optimizer_step_bytes,
-                         persistent_terms)
+from .plan_terms import (Workload, kept_layers, layer_terms, load_terms, offload_home_bytes,
+                         optimizer_step_bytes, persistent_terms, resident_layers)
 
 GiB = 2**30
 # CUDA: max_memory_reserved over max_memory_allocated, from blocks the caching allocator keeps
@@ -135,6 +139,10 @@ class Plan:
     """The moment of the peak."""
     kept_layers: int
     """Layers whose 4-bit matmul outputs train.keep_matmuls_gb keeps."""
+    resident_layers: int
+    """Decoder layers whose 4-bit weights stay on the device (all of them without model.offload)."""
+    offloaded_bytes: int
+    """4-bit codes and scales of the other layers, in model.offload's home (host memory or a file)."""
     advice: list = field(default_factory=list)
     """qlora.plan_advice.Change list when it does not fit (cheapest first)."""
 
@@ -156,10 +164,12 @@ class Plan:
 def estimate(shape: ModelShape, w: Workload, device: Device) -> Plan:
     """Every term at each moment of a run; the peak is the largest moment."""
     dev, layers = device.kind, shape.layers
-    p = persistent_terms(shape, w, dev)
+    resident = resident_layers(shape, w, dev, device.bytes)
+    p = persistent_terms(shape, w, dev, resident)
     s = layer_terms(shape, w, dev)
     k = kept_layers(shape, w)
-    frozen = {n: p[n] for n in ("runtime", "weights_4bit", "embeddings", "lm_head", "norms", "lora_factors")}
+    frozen = {n: p[n] for n in ("runtime", "weights_4bit", "weights_offloaded", "embeddings", "lm_head", "norms",
+                                "lora_factors", "offload_ring")}
     # The optimizer state exists from the first optimizer step on, so every later step's
     # moments carry it.
     state = {"optimizer_state": p["optimizer_state"], "optimizer_state_paged": p["optimizer_state_paged"]}
@@ -204,7 +214,8 @@ def estimate(shape: ModelShape, w: Workload, device: Device) -> Plan:
     order = list(TERM_NOTES)
     terms = dict(sorted(phases[peak_phase].items(), key=lambda kv: order.index(kv[0])))
     return Plan(shape=shape, workload=w, device=device, terms=terms, phase_bytes=totals,
-                peak_phase=peak_phase, kept_layers=k)
+                peak_phase=peak_phase, kept_layers=k, resident_layers=resident,
+                offloaded_bytes=offload_home_bytes(shape, w, resident))
 
 
 # Terms that a training step allocates and frees (the rest live the whole run).
@@ -243,7 +254,8 @@ def plan_recipe(recipe: Recipe, device: str | Device | None = None, advise: bool
 TERM_NOTES = {
     "runtime": {"cpu": "Python, torch and the libraries `qlora train` imports, and the kernels a step maps in",
                 "cuda": "CUDA context and cuBLAS workspace (estimate)"},
-    "weights_4bit": "frozen decoder linears: 4-bit codes and their quantization constants",
+    "weights_4bit": "frozen decoder linears: 4-bit codes and their quantization constants (resident layers)",
+    "weights_offloaded": "offloaded layers' 4-bit codes and scales in host memory (model.offload cpu)",
     "embeddings": "input embeddings (compute dtype)",
     "lm_head": "output head (compute dtype; 0 when tied to the embeddings)",
     "norms": "RMSNorm weights (and q/k/v biases where the model has them)",
@@ -258,6 +270,7 @@ TERM_NOTES = {
     "attention": "attention's saved q/k/v/output, rotary tables, masks",
     "loss": "final norm, labelled hidden states, one chunk of fp32 logits and their gradients",
     "matmul_temporaries": "the 4-bit matmul's dequantized weight (tiles on CPU) and GEMM copies",
+    "offload_ring": "model.offload: the streamed layer in use and the next one, prefetched",
     "allocator": {"cpu": "freed heap not yet returned to the OS (qlora/memory.py trims it past a budget)",
                   "cuda": "caching allocator's reserve beyond live tensors (estimate)"},
     "loading": "largest checkpoint tensor being read and quantized",
@@ -279,7 +292,7 @@ def render(plan: Plan, name: str) -> str:
              f"run: batch {w.batch_size} x {w.max_seq_len} tokens, LoRA r {w.r} on {len(w.targets)} linears "
              f"per layer, {w.optimizer}, checkpointing {'on' if w.checkpointing else 'off'}"
              + (f", matmul outputs kept in {plan.kept_layers} layers" if plan.kept_layers else ""),
-             "", f"{'term':24s} {'GiB':>7s}  at the peak ({plan.peak_phase})"]
+             *_offload_lines(plan), "", f"{'term':24s} {'GiB':>7s}  at the peak ({plan.peak_phase})"]
     for term, size in plan.terms.items():
         if size == 0:
             continue
@@ -296,9 +309,22 @@ def render(plan: Plan, name: str) -> str:
             for change in plan.advice:
                 lines.append(f"  {change.overrides}  -> peak {_gib(change.peak_bytes)} GiB; {change.cost}")
         else:
-            lines += ["", "no change of batch size, kept matmuls, checkpointing, optimizer, rank or "
-                          "sequence length makes it fit; use a larger device"]
+            lines += ["", "no change of batch size, kept matmuls, checkpointing, optimizer, offload, rank "
+                          "or sequence length makes it fit; use a larger device"]
     return "\n".join(lines)
+
+
+def _offload_lines(plan: Plan) -> list[str]:
+    w, layers = plan.workload, plan.shape.layers
+    if w.offload == "none":
+        return []
+    home = {"cpu": "host memory", "disk": "a file (model.offload_dir)"}[w.offload]
+    streamed = layers - plan.resident_layers
+    if not streamed:
+        return [f"offload: {w.offload}, but all {layers} layers stay resident (model.resident_layers "
+                f"{w.resident_layers})"]
+    return [f"offload: layers {plan.resident_layers}-{layers - 1} ({streamed} of {layers}) stream their 4-bit "
+            f"weights from {home}, which holds {_gib(plan.offloaded_bytes)} GiB of them"]
 
 
 def to_json(plan: Plan) -> dict:
@@ -307,7 +333,8 @@ def to_json(plan: Plan) -> dict:
             "terms": plan.terms, "peak_phase": plan.peak_phase, "phases": plan.phase_bytes,
             "device": {"kind": plan.device.kind, "label": plan.device.label},
             "model": dataclasses.asdict(plan.shape), "workload": dataclasses.asdict(plan.workload),
-            "kept_layers": plan.kept_layers,
+            "kept_layers": plan.kept_layers, "resident_layers": plan.resident_layers,
+            "offloaded_bytes": plan.offloaded_bytes,
             "advice": [{"set": c.settings, "peak_bytes": c.peak_bytes, "cost": c.cost} for c in plan.advice]}
 
 

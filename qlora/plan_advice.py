@@ -6,9 +6,10 @@ Levers, cheapest first (what a change costs, not how much memory it saves):
   train.keep_matmuls_gb: the recompute runs the 4-bit matmuls of more layers again
   train.gradient_checkpointing: every layer is recomputed
   train.optimizer: 8-bit Adam state instead of 32-bit
+  model.offload with model.resident_layers: the last layers' 4-bit weights live in host memory
+      (a GPU) or a file (a CPU run) and stream in per layer, overlapped with compute
   lora.r: a smaller adapter
   data.max_seq_len: longer examples are truncated
-Offloading layers to the host, once qlora has it, belongs between the optimizer and the rank.
 Each lever is tried alone at the least change that fits; when none fits alone, they are
 combined in that order. Speed costs are compute per trained token from `step_flops` (dense
 matmul counts), not timings.
@@ -21,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from .plan import Plan, estimate
-from .plan_terms import Workload, kept_layers, lora_tensors, matmul_output_bytes
+from .plan_terms import Workload, kept_layers, layer_payload, lora_tensors, matmul_output_bytes
 
 
 @dataclass
@@ -163,6 +164,32 @@ def _optimizer(plan, recipe, settings=None, extreme=False):
         "8-bit Adam moments (bitsandbytes, block-wise quantized); same speed"))
 
 
+def _offload(plan, recipe, settings=None, extreme=False):
+    """Fewer resident layers, most first. On a GPU the home is host memory; a CPU run's own
+    memory is the host's, so there only a file takes the weights out of it."""
+    if recipe.model.quantization == "none":
+        return None
+    home = "cpu" if plan.device.kind == "cuda" else "disk"
+    if recipe.model.offload == home:
+        start = plan.resident_layers - 1  # already streaming: fewer resident layers
+    elif recipe.model.offload == "none":
+        start = plan.shape.layers - 1
+    else:
+        return None
+    cands = [{"model.offload": home, "model.resident_layers": n} for n in range(start, -1, -1)]
+    if not cands:
+        return None
+    payload = layer_payload(plan.shape, plan.workload)
+    where = "host memory" if home == "cpu" else "a file"
+
+    def describe(s, r):
+        streamed = plan.shape.layers - s["model.resident_layers"]
+        return (f"layers {s['model.resident_layers']}-{plan.shape.layers - 1} keep their 4-bit weights "
+                f"({streamed * payload / 2**30:.2f} GiB) in {where}, copied in twice per forward/backward "
+                f"pass while the previous layer computes ({r - 1:+.0%} compute per token)")
+    return _lever(plan, recipe, settings, cands, extreme, describe)
+
+
 def _rank(plan, recipe, settings=None, extreme=False):
     r = recipe.lora.r
     cands = [{"lora.r": r >> i} for i in range(1, r.bit_length()) if r >> i >= 1]
@@ -184,5 +211,5 @@ def _seq(plan, recipe, settings=None, extreme=False):
         f"({r - 1:+.0%} compute per token)"))
 
 
-LEVERS = (_batch, _keep, _checkpointing, _optimizer, _rank, _seq)
+LEVERS = (_batch, _keep, _checkpointing, _optimizer, _offload, _rank, _seq)
 """The levers, cheapest first (module docstring)."""

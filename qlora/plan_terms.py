@@ -12,6 +12,9 @@ from .config import Recipe
 from .errors import QloraError
 from .loss import CHUNK_TOKENS
 from .model_shapes import LAYER_LINEARS, ModelShape
+from .offload import layer_payload_bytes, resident_within
+from .optim import PAGED_MIN_NUMEL
+from .quant import BLOCKSIZE, _tile_height
 
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -25,9 +28,11 @@ CPU_TRAINING_RUNTIME = 55 * 10**6
 # memory outside torch's allocator; ~0.5 GiB on recent GPUs with lazy module loading. Not
 # measured here (no GPU): an estimate.
 CUDA_CONTEXT = 2**29
-TILE = 512  # rows/columns of a dequantized tile on CPU (qlora.quant._tile_height at blocksize 64)
+TILE = _tile_height(BLOCKSIZE)  # rows/columns of a dequantized tile on CPU (qlora/quant.py)
 BITSANDBYTES_MIN_8BIT = 4096  # bitsandbytes keeps smaller tensors' state in fp32 (min_8bit_size)
-BITSANDBYTES_PAGED_MIN = 100_000  # ... and pages only tensors this large (get_state_buffer)
+# qlora.offload.LayerStreamer holds two payload buffers on the device once training runs: the
+# layer in use and the next one, being prefetched (on CPU a free list of two, reused).
+RING_BUFFERS = 2
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,10 @@ class Workload:
     """train.gradient_checkpointing."""
     keep_matmuls_gb: float
     """train.keep_matmuls_gb."""
+    offload: str = "none"
+    """model.offload: none, cpu or disk (where offloaded layers' 4-bit codes live)."""
+    resident_layers: int | str = "auto"
+    """model.resident_layers: the first N layers stay on the device; 'auto' as the loader picks."""
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> Workload:
@@ -77,22 +86,56 @@ class Workload:
                    lora_itemsize=ITEMSIZE[lo.resolved_dtype(m.compute_dtype)],
                    compute_itemsize=ITEMSIZE[m.compute_dtype],
                    quantization=m.quantization, double_quant=m.double_quant, optimizer=t.optimizer,
-                   checkpointing=t.gradient_checkpointing, keep_matmuls_gb=t.keep_matmuls_gb)
+                   checkpointing=t.gradient_checkpointing, keep_matmuls_gb=t.keep_matmuls_gb,
+                   offload=m.offload if m.quantization != "none" else "none",
+                   resident_layers=m.resident_layers)
 
     @property
     def tokens(self) -> int:
         return self.batch_size * self.max_seq_len
 
 
-def quantized_linear_bytes(out_features: int, in_features: int, double_quant: bool) -> int:
-    """Bytes of one 4-bit linear as bitsandbytes stores it (blocksize 64): packed codes (two
-    per byte), the 16-entry fp32 code table, and one scale per block: fp32, or with double
-    quantization uint8 plus, per 256 blocks, an fp32 scale, a 0-dim fp32 offset and a copy of
-    the 256-entry fp32 map (bitsandbytes copies it into every QuantState)."""
+def quantized_linear_parts(out_features: int, in_features: int, double_quant: bool) -> tuple[int, int]:
+    """Bytes of one 4-bit linear as bitsandbytes stores it (blocksize 64), in two parts:
+    the packed codes (two per byte) and one scale per block (fp32, or uint8 with double
+    quantization), which model.offload moves off the device; and the rest of its QuantState,
+    which stays: the 16-entry fp32 code table and, with double quantization, per 256 blocks
+    an fp32 scale, a 0-dim fp32 offset and a copy of the 256-entry fp32 map (bitsandbytes
+    copies it into every QuantState)."""
     n = out_features * in_features
-    blocks = -(-n // 64)
-    scales = blocks + 4 * -(-blocks // 256) + 4 + 256 * 4 if double_quant else 4 * blocks
-    return n // 2 + scales + 16 * 4
+    blocks = -(-n // BLOCKSIZE)
+    streamed = n // 2 + (blocks if double_quant else 4 * blocks)
+    kept = 16 * 4 + (4 * -(-blocks // 256) + 4 + 256 * 4 if double_quant else 0)
+    return streamed, kept
+
+
+def quantized_linear_bytes(out_features: int, in_features: int, double_quant: bool) -> int:
+    """All bytes of one 4-bit linear (`quantized_linear_parts`)."""
+    return sum(quantized_linear_parts(out_features, in_features, double_quant))
+
+
+def layer_payload(shape: ModelShape, w: Workload) -> int:
+    """Bytes of one decoder layer's offload payload (qlora.offload's layout: its linears'
+    codes and block scales in 64-byte aligned slots): the unit of the home and the ring."""
+    return layer_payload_bytes([o * i for o, i in shape.linears().values()], w.double_quant, BLOCKSIZE)
+
+
+def resident_layers(shape: ModelShape, w: Workload, device: str, device_bytes: int) -> int:
+    """Decoder layers whose 4-bit weights stay on the device: all without model.offload;
+    else model.resident_layers, or for 'auto' the loader's rule (qlora.offload.resident_within)
+    on what the device has free once the runtime is up, after the 16-bit embeddings and head."""
+    if w.offload == "none":
+        return shape.layers
+    if w.resident_layers != "auto":
+        return max(0, min(shape.layers, int(w.resident_layers)))
+    runtime = CPU_IMPORTS if device == "cpu" else CUDA_CONTEXT
+    other = (shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2) + shape.hidden) * w.compute_itemsize
+    return resident_within(device_bytes - runtime, device_bytes, shape.layers, layer_payload(shape, w), other)
+
+
+def offload_home_bytes(shape: ModelShape, w: Workload, resident: int) -> int:
+    """Bytes the offloaded layers' payloads take in their home (host memory or a file)."""
+    return (shape.layers - resident) * layer_payload(shape, w)
 
 
 def optimizer_state_bytes(numel: int, optimizer: str, lora_itemsize: int) -> int:
@@ -128,22 +171,31 @@ def kept_layers(shape: ModelShape, w: Workload) -> int:
     return layers_within_budget(matmul_output_bytes(shape, w), shape.layers, w.keep_matmuls_gb)
 
 
-def persistent_terms(shape: ModelShape, w: Workload, device: str) -> dict[str, int]:
-    """Terms that live from loading (or from the first optimizer step) to the end."""
+def persistent_terms(shape: ModelShape, w: Workload, device: str, resident: int | None = None) -> dict[str, int]:
+    """Terms that live from loading (or from the first optimizer step) to the end; with
+    model.offload, the first `resident` layers' weights stay on the device."""
     a, c, lin = w.compute_itemsize, shape.hidden, shape.linears()
+    resident = shape.layers if resident is None else resident
     if w.quantization == "none":
-        weights = sum(o * i * a for o, i in lin.values())
+        weights = sum(o * i * a for o, i in lin.values()) * shape.layers
     else:
-        weights = sum(quantized_linear_bytes(o, i, w.double_quant) for o, i in lin.values())
+        parts = [quantized_linear_parts(o, i, w.double_quant) for o, i in lin.values()]
+        weights = sum(map(sum, parts)) * resident + sum(k for _, k in parts) * (shape.layers - resident)
+    streamed = resident < shape.layers
+    # The home counts against this device only when it is this device's memory (offload cpu
+    # on a CPU run). The ring: the layer in use and the one being prefetched.
+    home = offload_home_bytes(shape, w, resident) if device == "cpu" and w.offload == "cpu" else 0
     norms = (2 * c + (2 * shape.head_dim if shape.qk_norm else 0)) * shape.layers + c
     biases = (lin["q_proj"][0] + 2 * lin["k_proj"][0]) if shape.qkv_bias else 0
     factors = lora_tensors(shape, w)
     paged = w.optimizer.startswith("paged") and device == "cuda"
     state = [optimizer_state_bytes(n, w.optimizer, w.lora_itemsize) for n in factors]
-    paged_state = sum(s for n, s in zip(factors, state) if paged and n >= BITSANDBYTES_PAGED_MIN)
+    paged_state = sum(s for n, s in zip(factors, state) if paged and n >= PAGED_MIN_NUMEL)
     return {
         "runtime": CPU_IMPORTS + CPU_TRAINING_RUNTIME if device == "cpu" else CUDA_CONTEXT,
-        "weights_4bit": weights * shape.layers,
+        "weights_4bit": weights,
+        "weights_offloaded": home,
+        "offload_ring": RING_BUFFERS * layer_payload(shape, w) if streamed else 0,
         "embeddings": shape.vocab * c * a,
         "lm_head": 0 if shape.tied_embeddings else shape.vocab * c * a,
         "norms": (norms + biases * shape.layers) * a,
@@ -274,7 +326,8 @@ def load_terms(shape: ModelShape, w: Workload, device: str, persistent: dict[str
         loading = max(shape.vocab * shape.hidden * (stored + cast), largest_linear * (stored + cast) + quantizer)
     else:
         loading = largest_linear * a + (largest_linear if w.quantization != "none" else 0)
-    terms = {n: persistent[n] for n in ("runtime", "weights_4bit", "embeddings", "lm_head", "norms")}
+    terms = {n: persistent[n] for n in ("runtime", "weights_4bit", "weights_offloaded", "embeddings", "lm_head",
+                                        "norms")}
     if device == "cpu":
         terms["runtime"] = CPU_IMPORTS
     terms["loading"] = loading

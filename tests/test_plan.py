@@ -4,6 +4,7 @@ bundled recipes' plans, and `qlora train` refusing a recipe that cannot fit."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,11 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 def recipe(path, *, r=8, dropout=0.05, seq=64, batch=1, optimizer="adamw_torch", lora_dtype="bfloat16",
-           targets="all-linear", keep=0.0, quantization="nf4", double_quant=True, checkpointing=True):
+           targets="all-linear", keep=0.0, quantization="nf4", double_quant=True, checkpointing=True,
+           offload="none", resident="auto"):
     return recipe_from_dict({
-        "model": {"name_or_path": str(path), "quantization": quantization, "double_quant": double_quant},
+        "model": {"name_or_path": str(path), "quantization": quantization, "double_quant": double_quant,
+                  "offload": offload, "resident_layers": resident},
         "lora": {"r": r, "alpha": 2 * r, "dropout": dropout, "dtype": lora_dtype, "targets": targets},
         "data": {"path": "unused.jsonl", "max_seq_len": seq},
         "train": {"output_dir": "unused", "batch_size": batch, "optimizer": optimizer,
@@ -105,6 +108,59 @@ def test_quantized_linear_bytes_at_7b_width(double_quant):
     packed, qs = quant.quantize_4bit(w, "nf4", double_quant)
     tensors = [packed, qs.absmax, qs.code] + ([qs.offset, qs.state2.absmax, qs.state2.code] if double_quant else [])
     assert storages_bytes(tensors) == quantized_linear_bytes(11008, 4096, double_quant)
+
+
+@pytest.mark.parametrize("home", ["cpu", "disk"])
+def test_offload_terms_are_the_streamers_bytes(gqa_model, tmp_path, home):
+    """model.offload with 1 of 3 layers resident, after a training step: the 4-bit tensors
+    still on the device, the two payload buffers the streamer keeps, and its home."""
+    rec = recipe(gqa_model, offload=home, resident=1)
+    plan = plan_recipe(rec, "cpu:64GB")
+    model = load_model(gqa_model, offload=home, offload_dir=tmp_path, resident_layers=1)
+    streamer = model.qlora_streamer
+    add_lora(model, LoraSettings(r=8, alpha=16, dropout=0.05))
+    enable_gradient_checkpointing(model)
+    model.train()
+    x = torch.randint(0, 300, (1, 64))
+    s, n = lm_loss_sum(model, {"input_ids": x, "labels": x})
+    (s / n).backward()
+    streamer.release()  # between steps: nothing attached, the ring's buffers in its free list
+    assert plan.resident_layers == 1 == 3 - len(streamer.streamed)
+    tensors = []
+    for m in model.modules():
+        if isinstance(m, quant.QuantLinear):
+            qs = m.weight.quant_state
+            tensors += [m.weight.data, qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
+    assert storages_bytes(tensors) == plan.terms["weights_4bit"]
+    assert storages_bytes(streamer.free) == plan.terms["offload_ring"] == 2 * streamer.size
+    # the home: host buffers, or the layer file (every slot of this model is 64-byte aligned)
+    home_bytes = (sum(b.nbytes for b in streamer.home.buffers.values()) if home == "cpu"
+                  else os.path.getsize(streamer.home.path))
+    assert home_bytes == plan.offloaded_bytes == 2 * streamer.size
+    assert plan.terms["weights_offloaded"] == (home_bytes if home == "cpu" else 0)  # a CPU run's RAM
+    cuda = plan_recipe(rec, "cuda:64GB")
+    assert cuda.terms["weights_offloaded"] == 0 and cuda.offloaded_bytes == plan.offloaded_bytes
+    streamer.close()
+
+
+def test_auto_resident_layers_are_the_loaders(gqa_model, monkeypatch):
+    """resident_layers 'auto': the plan on a device of X bytes keeps as many layers as the
+    loader does when X less the runtime is free."""
+    from qlora import offload
+    from qlora.plan_terms import CPU_IMPORTS, layer_payload
+    rec = recipe(gqa_model, offload="cpu")
+    shape, w = read_shape(str(gqa_model)), Workload.from_recipe(rec)
+    other = (2 * 300 * 128 + 128) * 2  # embeddings, head and final norm in bf16
+    for want in (0, 2, 3):
+        size = int(CPU_IMPORTS + other + offload.RESERVE_MIN + (want + 0.5) * layer_payload(shape, w))
+        monkeypatch.setattr(offload, "_host_available", lambda: size - CPU_IMPORTS)
+        monkeypatch.setattr(offload, "_host_total", lambda: size)
+        model = load_model(gqa_model, offload="cpu", device="cpu")
+        streamer = getattr(model, "qlora_streamer", None)
+        loaded = 3 - (len(streamer.streamed) if streamer else 0)
+        assert plan_recipe(rec, f"cpu:{size / 2**20}MB").resident_layers == loaded == want
+        if streamer:
+            streamer.close()
 
 
 # ----------------------------------------------------------------------------- LoRA and optimizer
@@ -360,7 +416,25 @@ def test_advice_fits_and_means_what_it_says(tmp_path):
         overrides = [a for a in change.overrides.split() if a != "--set"]
         again = plan_recipe(load_recipe(path, overrides), "cuda:8GB", advise=False)
         assert again.peak_bytes == change.peak_bytes <= again.device_bytes
-    assert plan_recipe(load_recipe(path), "cuda:4GB").advice == []  # 16-bit embeddings alone are 2 GiB
+    assert plan_recipe(load_recipe(path), "cuda:2GB").advice == []  # 16-bit embeddings and head: 1.96 GiB
+
+
+def test_offload_is_advised_where_the_4bit_weights_alone_do_not_fit():
+    """65B on 24 GB: 31 GiB of 4-bit weights; offloading the last layers is the change that
+    fits, with as many layers resident as fit (one more does not). A CPU run offloads to disk."""
+    path = REPO / "recipes/guanaco-65b.yaml"
+    for device, home in (("cuda:24GB", "cpu"), ("cpu:20GB", "disk")):
+        plan = plan_recipe(load_recipe(path), device)
+        change = next(c for c in plan.advice if "model.offload" in c.overrides)
+        assert change.settings["model.offload"] == home
+        n = change.settings["model.resident_layers"]
+        assert 0 < n < 80 and "compute per token" in change.cost
+        fits = plan_recipe(load_recipe(path, [f"model.offload={home}", f"model.resident_layers={n}"]), device)
+        more = plan_recipe(load_recipe(path, [f"model.offload={home}", f"model.resident_layers={n + 1}"]), device)
+        assert fits.fits and not more.fits and fits.peak_bytes == change.peak_bytes
+        assert fits.resident_layers == n and fits.terms["offload_ring"] > 0
+        # the offloaded layers' weights leave the device; only their second-level constants stay
+        assert plan.terms["weights_4bit"] - fits.terms["weights_4bit"] > 0.99 * fits.offloaded_bytes
 
 
 def _huge_model(tmp_path) -> Path:
@@ -420,3 +494,10 @@ def test_readme_lists_the_current_plan_of_every_bundled_recipe(monkeypatch):
     for text, rec in sanity:
         peak = plan_recipe(rec, "cuda:48GB").peak_bytes / 2**30
         assert f"{peak:.{len(text.split()[0].split('.')[1])}f} GiB" == text and text in readme
+    # 65B on 24 GB: the offload the plan advises, and what resident_layers auto would do
+    words = " ".join(readme.split())
+    guanaco = REPO / "recipes/guanaco-65b.yaml"
+    change = next(c for c in plan_recipe(load_recipe(guanaco), "cuda:24GB").advice if "model.offload" in c.overrides)
+    assert f"`{change.overrides}` (peak {change.peak_bytes / 2**30:.2f} GiB" in words
+    auto = plan_recipe(load_recipe(guanaco, ["model.offload=cpu"]), "cuda:24GB")
+    assert f"keeps {auto.resident_layers} layers there, which does not fit ({auto.peak_bytes / 2**30:.2f} GiB)" in words
