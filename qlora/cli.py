@@ -1,4 +1,4 @@
-"""`qlora` command line: train, export, generate, eval, demo.
+"""`qlora` command line: train, plan, export, generate, eval, demo.
 
 User errors (QloraError) print one line and exit 2, without a traceback; an interrupted
 run exits 130 after saving a checkpoint. Heavy imports happen inside the subcommands so that
@@ -34,7 +34,7 @@ def _train(args) -> None:
     else:
         raise QloraError("train needs a RECIPE file or --resume RUN_DIR")
     _check_paths(recipe)
-    summary = train(recipe, resume=bool(args.resume), overwrite=args.overwrite)
+    summary = train(recipe, resume=bool(args.resume), overwrite=args.overwrite, force=args.force)
     line = f"done: {summary['steps']} steps; adapter in {Path(summary['run_dir']) / 'adapter'}"
     if "eval_loss" in summary:
         line += f"; eval loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f})"
@@ -49,6 +49,15 @@ def _check_paths(recipe) -> None:
                        ("data.eval_path", recipe.data.eval_path), ("model.tokenizer", recipe.model.tokenizer)):
         if value and not Path(value).exists() and not looks_like_hub_id(value):
             raise QloraError(f"{src}: {key}: path not found: {value}")
+
+
+def _plan(args) -> None:
+    import json
+    from .config import load_recipe
+    from .plan import plan_recipe, render, to_json
+    recipe = load_recipe(args.recipe, args.set or ())
+    plan = plan_recipe(recipe, args.device)
+    print(json.dumps(to_json(plan), indent=1) if args.json else render(plan, args.recipe))
 
 
 def _export(args) -> None:
@@ -178,7 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the run in train.output_dir instead of refusing to touch it")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (repeatable), e.g. --set train.max_steps=100")
+    t.add_argument("--force", action="store_true",
+                   help="train even when `qlora plan` predicts that the recipe does not fit the device")
     t.set_defaults(func=_train)
+
+    pl = sub.add_parser("plan", help="will a recipe fit on a GPU (or CPU)? every memory term, and what makes it fit",
+                        description="Predict the peak memory of `qlora train RECIPE` from the model's config.json "
+                                    "alone (no weights): every term of qlora's implementation, the moment of the "
+                                    "peak, and when it does not fit, the cheapest changes that do, each with its "
+                                    "peak and cost. Sizes are binary (24GB = 24 GiB).")
+    pl.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    pl.add_argument("--device", metavar="DEVICE",
+                    help="cuda:SIZE (e.g. cuda:24GB), cuda (this machine's GPU), cpu:SIZE or cpu (RAM "
+                         "available now); default: where `qlora train` would run")
+    pl.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                    help="override a recipe value (repeatable), e.g. --set train.batch_size=2")
+    pl.add_argument("--json", action="store_true",
+                    help="print one JSON object (peak_bytes, device_bytes, fits, terms, phases, advice)")
+    pl.set_defaults(func=_plan)
 
     device_help = "cpu, cuda or cuda:N (default: cuda when a GPU is available, else cpu)"
     e = sub.add_parser("export", help="merge an adapter into a full fp16/bf16 Hugging Face checkpoint, or GGUF",

@@ -383,7 +383,12 @@ def matmul_output_bytes(model: nn.Module, tokens: int) -> int:
 
 def matmul_layers_within(model: nn.Module, budget_gb: float, tokens: int) -> int:
     """How many decoder layers' matmul outputs fit in `budget_gb` (train.keep_matmuls_gb)."""
-    per_layer = matmul_output_bytes(model, tokens)
+    return layers_within_budget(matmul_output_bytes(model, tokens), len(decoder_layers(model)), budget_gb)
+
+
+def layers_within_budget(per_layer: int, layers: int, budget_gb: float) -> int:
+    """How many of `layers` layers costing `per_layer` bytes each fit in `budget_gb` GB (1e9);
+    the rule of train.keep_matmuls_gb, shared by the trainer and `qlora plan`."""
     if per_layer == 0:  # a 16-bit base has no 4-bit matmuls to keep
         return 0
-    return min(len(decoder_layers(model)), int(budget_gb * 1e9 // per_layer))
+    return min(layers, int(budget_gb * 1e9 // per_layer))

@@ -35,6 +35,10 @@ from .errors import QloraError
 
 ALIGN = 64
 HOMES = ("none", "cpu", "disk")
+# resident_layers "auto" leaves this share of the device (at least RESERVE_MIN) for
+# activations, optimizer state and the runtime.
+RESERVE_FRACTION = 0.2
+RESERVE_MIN = 1.5 * 2**30
 
 
 @dataclass
@@ -62,25 +66,35 @@ class Slot:
             w.quant_state.absmax = t
 
 
-def layer_slots(layer: nn.Module, double_quant: bool, blocksize: int) -> list[Slot]:
-    """The payload layout of one decoder layer, from shapes only (works on meta modules)."""
-    from .quant import QuantLinear
-    slots, offset = [], 0
-    for m in layer.modules():
-        if not isinstance(m, QuantLinear):
-            continue
-        n = m.out_features * m.in_features
+def _layout(weights: list[int], double_quant: bool, blocksize: int):
+    """(linear index, what, dtype, shape, offset, nbytes) of every tensor in a layer payload
+    whose 4-bit linears hold `weights` weights each, in module order."""
+    offset = 0
+    for i, n in enumerate(weights):
         for what, dtype, shape in (
                 ("codes", torch.uint8, ((n + 1) // 2, 1)),
                 ("absmax", torch.uint8 if double_quant else torch.float32, (math.ceil(n / blocksize),))):
             nbytes = math.prod(shape) * dtype.itemsize
-            slots.append(Slot(m, what, dtype, shape, offset, nbytes))
+            yield i, what, dtype, shape, offset, nbytes
             offset += -(-nbytes // ALIGN) * ALIGN
-    return slots
+
+
+def layer_slots(layer: nn.Module, double_quant: bool, blocksize: int) -> list[Slot]:
+    """The payload layout of one decoder layer, from shapes only (works on meta modules)."""
+    from .quant import QuantLinear
+    linears = [m for m in layer.modules() if isinstance(m, QuantLinear)]
+    return [Slot(linears[i], what, dtype, shape, offset, nbytes) for i, what, dtype, shape, offset, nbytes
+            in _layout([m.out_features * m.in_features for m in linears], double_quant, blocksize)]
 
 
 def payload_bytes(slots: list[Slot]) -> int:
     return max((s.offset + s.nbytes for s in slots), default=0)
+
+
+def layer_payload_bytes(weights: list[int], double_quant: bool, blocksize: int) -> int:
+    """`payload_bytes` of a layer whose 4-bit linears hold `weights` weights each (no
+    modules needed: `qlora plan` sizes the home and the prefetch ring with it)."""
+    return max((offset + nbytes for *_, offset, nbytes in _layout(weights, double_quant, blocksize)), default=0)
 
 
 # ----------------------------------------------------------------------------- homes
@@ -368,7 +382,13 @@ def resident_count(resident_layers: int | str, n_layers: int, layer_bytes: int,
         free, total = torch.cuda.mem_get_info(device)
     else:
         free, total = _host_available(), _host_total()
-    budget = free - other_bytes - max(1.5 * 2**30, 0.2 * total)
+    return resident_within(free, total, n_layers, layer_bytes, other_bytes)
+
+
+def resident_within(free: int, total: int, n_layers: int, layer_bytes: int, other_bytes: int) -> int:
+    """resident_layers 'auto': the layers that fit `free` bytes after `other_bytes` and the
+    reserve (RESERVE_FRACTION of `total`, at least RESERVE_MIN)."""
+    budget = free - other_bytes - max(RESERVE_MIN, RESERVE_FRACTION * total)
     return max(0, min(n_layers, int(budget // max(layer_bytes, 1))))
 
 

@@ -37,6 +37,7 @@ from .memory import release_if_grown, release_memory_per_layer
 from .optim import LossScaler, build_optimizer, build_scheduler
 from .run_dir import plan_run_dir
 from .run_dir import prepare as prepare_run_dir
+from .plan import check_fits
 
 
 @dataclass
@@ -67,15 +68,18 @@ class Run:
 
 # ----------------------------------------------------------------------------- setup
 
-def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Run:
+def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, force: bool = False) -> Run:
     r, t = recipe, recipe.train
     run_dir = Path(t.output_dir)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     plan = plan_run_dir(run_dir, resume, overwrite)  # every process reads the same folder ...
     config = model_config(r.model.name_or_path)  # a bad model path fails before the tokenizer
+    _check_against_model(r, config)
+    if not force:  # before anything is loaded or written: a recipe that cannot fit stops here
+        check_fits(recipe, acc.device, acc.num_processes)
     tokenizer = load_tokenizer(r.model.tokenizer or r.model.name_or_path)
     ensure_pad_token(tokenizer)
-    _check_against_model(r, tokenizer, config)
+    _check_tokenizer(r, tokenizer, config)
     t0 = time.perf_counter()
     # The main process tokenizes into the datasets cache first; the others then read it
     # instead of all writing the same cache files at once.
@@ -157,18 +161,22 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Run:
     return run
 
 
-def _check_against_model(r: Recipe, tokenizer, config) -> None:
-    """What the model's config.json rules out, checked before any weight or row is read."""
-    vocab = getattr(config, "vocab_size", None)
-    if vocab and len(tokenizer) > vocab:
-        raise QloraError(f"model.tokenizer: {r.model.tokenizer or r.model.name_or_path} has {len(tokenizer)} "
-                         f"tokens, more than the model's vocab_size {vocab} (ids past it have no embedding); "
-                         "use the model's own tokenizer")
+def _check_against_model(r: Recipe, config) -> None:
+    """What the model's config.json rules out in the recipe, before anything is read."""
     positions = getattr(config, "max_position_embeddings", None)
     if r.data.packing and positions and r.data.max_seq_len > positions:
         raise QloraError(f"data.max_seq_len: {r.data.max_seq_len} with data.packing packs rows that long "
                          f"(attention memory grows with its square); at most the model's "
                          f"max_position_embeddings, {positions}")
+
+
+def _check_tokenizer(r: Recipe, tokenizer, config) -> None:
+    """Token ids past the model's embeddings would crash at step 1: say so before loading."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:
+        raise QloraError(f"model.tokenizer: {r.model.tokenizer or r.model.name_or_path} has {len(tokenizer)} "
+                         f"tokens, more than the model's vocab_size {vocab} (ids past it have no embedding); "
+                         "use the model's own tokenizer")
 
 
 def _resume(run: Run, path: Path) -> Path:
@@ -445,10 +453,11 @@ def _check_replicas_agree(run: Run) -> None:
                            f"at step {run.state['step']} (fingerprints {lo.tolist()} vs {hi.tolist()})")
 
 
-def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict:
     """Train from `recipe`; `resume` continues its output_dir from the newest intact
-    checkpoint, `overwrite` replaces the run there (see run_dir.py for every case)."""
-    run = setup(recipe, resume=resume, overwrite=overwrite)
+    checkpoint, `overwrite` replaces the run there (see run_dir.py for every case), `force`
+    trains even when `qlora plan` predicts the recipe does not fit the device."""
+    run = setup(recipe, resume=resume, overwrite=overwrite, force=force)
     return fit(run)
 
 
