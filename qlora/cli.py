@@ -33,7 +33,7 @@ def _train(args) -> None:
     else:
         raise QloraError("train needs a RECIPE file or --resume RUN_DIR")
     _check_paths(recipe)
-    summary = train(recipe, resume=bool(args.resume))
+    summary = train(recipe, resume=bool(args.resume), overwrite=args.overwrite)
     line = f"done: {summary['steps']} steps; adapter in {Path(summary['run_dir']) / 'adapter'}"
     if "eval_loss" in summary:
         line += f"; eval loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f})"
@@ -119,6 +119,26 @@ def _eval(args) -> None:
           f"in {r['examples']} examples")
 
 
+def _inspect(args) -> None:
+    import json
+    from .inspect_adapter import format_report, inspect_adapters
+    if args.base_weights is not None and args.base is None:
+        raise QloraError("--base-weights needs --base MODEL")
+    report = inspect_adapters(args.adapter, args.other, base=args.base,
+                              base_weights=args.base_weights or "dequantized", layers=args.layers,
+                              out=args.out, force=args.force)
+    wrote = f"wrote {', '.join(report.files)} to {report.out}" if report.out else None
+    if args.json:
+        print(json.dumps({"layers": report.layers}))
+        for note in ([wrote] if wrote else []) + ([f"no similarity for module(s) in only one adapter: "
+                                                   f"{', '.join(report.skipped)}"] if report.skipped else []):
+            print(f"qlora: {note}", file=sys.stderr)
+        return
+    print(format_report(report))
+    if wrote:
+        print(wrote)
+
+
 def _demo(args) -> None:
     from .demo import run_demo
     run_demo(Path(args.out), steps=args.steps)
@@ -134,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune a model from a YAML recipe.", epilog=_recipe_help())
     t.add_argument("recipe", nargs="?", help="recipe YAML file (see recipes/)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest complete checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest intact checkpoint (a run that stopped before "
+                        "its first checkpoint starts over)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in train.output_dir instead of refusing to touch it")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (repeatable), e.g. --set train.max_steps=100")
     t.set_defaults(func=_train)
@@ -188,6 +212,28 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--base", help="base model path when the adapter does not name one")
     v.set_defaults(func=_eval)
 
+    i = sub.add_parser("inspect", help="rank analysis of an adapter; subspace similarity of two",
+                       description="Per adapted layer: the singular values of scaling*B*A (through the "
+                                   "r x r core, never the full matrix), entropy effective rank, how many exceed "
+                                   "1% of the largest, and with --base ||dW||/||W||. With OTHER: the LoRA paper's "
+                                   "subspace similarity phi(A1, A2, i, j) as a table and one heat-map PNG per "
+                                   "layer type.")
+    i.add_argument("adapter", metavar="ADAPTER", help="run directory, checkpoint directory or adapter directory")
+    i.add_argument("other", metavar="OTHER", nargs="?", help="a second adapter to compare with (same base model)")
+    i.add_argument("--base", metavar="MODEL", help="base model: also report ||dW||_F / ||W||_F (streamed tensor by tensor)")
+    i.add_argument("--base-weights", choices=["dequantized", "original"], default=None,
+                   help="W as training saw it, re-quantized with the run's settings (default), or the "
+                        "original checkpoint weight")
+    i.add_argument("--layers", nargs="+", metavar="TYPE",
+                   help="layer types (q_proj ...) or full module names to analyse, one heat-map each "
+                        "(default: every type)")
+    i.add_argument("--json", action="store_true",
+                   help='print {"layers": {MODULE: {"singular_values": [...], "similarity": [[...]]...}}}')
+    i.add_argument("--out", metavar="DIR", help="folder for the heat-maps and tables (two adapters; default: "
+                                 "inspect-NAME1-vs-NAME2 beside the first adapter's folder)")
+    i.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    i.set_defaults(func=_inspect)
+
     d = sub.add_parser("demo", help="the whole pipeline on a built-in tiny model and task (no downloads)",
                        description="Builds a small Llama-style model and tokenizer locally, makes a task "
                                    "dataset, then quantizes, trains LoRA, checkpoints, exports, reloads with "
@@ -221,8 +267,19 @@ def _recipe_help() -> str:
         return ""
 
 
+def _quiet_libraries() -> None:
+    """Our own lines say what each phase did; `datasets` would add a progress bar per file,
+    split, filter and map on every run."""
+    try:
+        import datasets
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         args.func(args)
     except QloraError as e:

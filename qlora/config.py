@@ -38,8 +38,9 @@ import yaml
 from qlora.errors import QloraError
 
 Quantization = Literal["nf4", "fp4", "none"]
+Offload = Literal["none", "cpu", "disk"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
-LoraDtype = Literal["bfloat16", "float32"]
+LoraDtype = Literal["auto", "bfloat16", "float32"]
 DataFormat = Literal["auto", "alpaca", "guanaco", "messages", "sharegpt", "prompt_completion", "text"]
 Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_torch"]
@@ -95,15 +96,37 @@ class ModelConfig(_Section):
     double_quant: bool = True
     """Also quantize the 4-bit blocks' scales (saves ~0.37 bits/parameter); ignored for 'none'."""
     compute_dtype: ComputeDtype = "bfloat16"
-    """Dtype the 4-bit weights are dequantized to for matmuls (and of unquantized layers)."""
+    """Dtype the 4-bit weights are dequantized to for matmuls (and of unquantized layers). float16 is for GPUs without bf16 (T4, V100): training then uses dynamic loss scaling and, with lora.dtype auto, fp32 LoRA factors."""
     tokenizer: str | None = None
     """Hub id or local directory of the tokenizer; null means the same as model.name_or_path."""
+    offload: Offload = "none"
+    """Where the 4-bit weights of the decoder layers past model.resident_layers live between uses: 'cpu' (pinned host memory on a GPU machine; copies overlap compute) or 'disk' (a file read per layer, so a model larger than memory trains); each layer is brought in just before it runs and the next one prefetched. Same numbers as 'none'."""
+    offload_dir: str | None = None
+    """Folder for model.offload disk's layer file; null means RUN_DIR/offload when training, a temporary folder otherwise."""
+    resident_layers: int | Literal["auto"] = "auto"
+    """With model.offload: how many decoder layers (the first ones) stay on the compute device; 'auto' keeps as many as its free memory allows after a reserve of 20% (at least 1.5 GiB)."""
+    cache_dir: str | None = None
+    """Keep a pre-quantized 4-bit copy of a 16-bit checkpoint here after its first load and load that next time (skips quantizing; rebuilt when the source or settings change)."""
 
     def _check_values(self) -> None:
         self._require_text("name_or_path")
         self._require_text("tokenizer")
+        self._require_text("offload_dir")
+        self._require_text("cache_dir")
         if self.tokenizer is None:
             self.tokenizer = self.name_or_path
+        if self.resident_layers != "auto":
+            self._require(self.resident_layers >= 0, "resident_layers", ">= 0 or 'auto'")
+        if self.offload == "none":
+            for name in ("offload_dir", "resident_layers"):
+                if getattr(self, name) not in (None, "auto"):
+                    raise QloraError(f"{self._key(name)}: only used with model.offload cpu or disk "
+                                     f"(model.offload is none)")
+        elif self.quantization == "none":
+            raise QloraError(f"{self._key('offload')}: streams 4-bit weights; it needs "
+                             "model.quantization nf4 or fp4")
+        if self.offload == "cpu" and self.offload_dir is not None:
+            raise QloraError(f"{self._key('offload_dir')}: only used with model.offload: disk")
 
 
 @dataclass
@@ -122,8 +145,14 @@ class LoraConfig(_Section):
     """Linear layers to adapt: 'all-linear' (every linear layer but the LM head, as in the paper) or a list of module-name suffixes such as [q_proj, v_proj]."""
     rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(r) instead of alpha / r."""
-    dtype: LoraDtype = "bfloat16"
-    """Storage dtype of the adapter weights."""
+    dtype: LoraDtype = "auto"
+    """Storage dtype of the adapter weights; 'auto' is bfloat16 with model.compute_dtype bfloat16, else float32."""
+
+    def resolved_dtype(self, compute_dtype: str) -> str:
+        """The adapter dtype this section means with `compute_dtype` (resolves 'auto')."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if compute_dtype == "bfloat16" else "float32"
 
     def _check_values(self) -> None:
         self._require(self.r >= 1, "r", ">= 1")
@@ -209,7 +238,7 @@ class TrainConfig(_Section):
     save_steps: int = 250
     """Save an adapter checkpoint every this many optimizer steps."""
     save_total_limit: int = 3
-    """Keep at most this many checkpoints, deleting the oldest."""
+    """Keep at most this many checkpoints: the newest, and the one with the lowest eval loss among those evaluated at their own step (with a limit of 1, only the newest)."""
     seed: int = 42
     """Seed for shuffling, the evaluation split, dropout and adapter initialization."""
     gradient_checkpointing: bool = True
@@ -659,6 +688,10 @@ def _resolve_paths(recipe: Recipe) -> Recipe:
         recipe.model,
         name_or_path=_resolve_local(recipe.model.name_or_path, may_be_hub_id=True),
         tokenizer=_resolve_local(recipe.model.tokenizer, may_be_hub_id=True),
+        offload_dir=None if recipe.model.offload_dir is None
+        else _resolve_local(recipe.model.offload_dir, may_be_hub_id=False),
+        cache_dir=None if recipe.model.cache_dir is None
+        else _resolve_local(recipe.model.cache_dir, may_be_hub_id=False),
     )
     eval_path = recipe.data.eval_path
     data = dataclasses.replace(

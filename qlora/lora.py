@@ -107,14 +107,14 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def trainable_report(model: nn.Module) -> dict[str, int]:
     """Counts for the user: trainable (LoRA) parameters vs all parameters.
 
-    4-bit weights are stored two per byte; we count logical parameters (out * in).
+    4-bit weights are stored two per byte; we count logical parameters (out * in). A tied
+    embedding/head matrix is one parameter and counts once.
     """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = 0
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            qs = getattr(p, "quant_state", None)
-            total += math.prod(qs.shape) if qs is not None else p.numel()
+    for p in model.parameters():  # unique parameters
+        qs = getattr(p, "quant_state", None)
+        total += math.prod(qs.shape) if qs is not None else p.numel()
     return {"trainable": trainable, "total": total}
 
 

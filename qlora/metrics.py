@@ -12,10 +12,49 @@ import torch
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory on CUDA, else the peak resident set size of this process."""
+    """Peak memory of this process since the last `reset_peak_memory`, in GiB.
+
+    CUDA: the caching allocator's peak *reserved* bytes (what it took from the driver, not
+    the smaller `max_memory_allocated`) plus paged optimizer state, which lives in managed
+    memory the allocator never sees; the CUDA context (~0.3-0.6 GB) is not included
+    (`device_used_gb` has it). CPU: the peak resident set size (VmHWM).
+    """
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        from .optim import paged_bytes
+        return (torch.cuda.max_memory_reserved(device) + paged_bytes()) / 2**30
+    return _vm_hwm_kib() / 2**20
+
+
+def device_used_gb(device: torch.device) -> float | None:
+    """What the GPU holds right now, for every process and the CUDA context (cudaMemGetInfo,
+    as nvidia-smi reports it); None on CPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 2**30
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak over (after loading, so the training peak is not the loading peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak keeps counting from the start of the process
+
+
+def _vm_hwm_kib() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
 class MetricsLog:
@@ -32,9 +71,11 @@ class MetricsLog:
             self.path.write_text("".join(l + "\n" for l in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         except ImportError:  # tensorboard is optional
-            self.tb = None
+            return
+        # On resume, events after the checkpoint's step are purged: those steps run again.
+        purge = None if resume_step is None else resume_step + 1
+        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

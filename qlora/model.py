@@ -8,6 +8,7 @@ Peak memory is the 4-bit model plus one full-precision tensor.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import warnings
@@ -23,6 +24,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from . import quant
 from .errors import QloraError
 from .memory import release_freed_memory
+from .offload import (attach_hooks, layer_slots, make_streamer, payload_bytes, recompute_context,
+                      resident_count)
+from .prequantized import (Prequantized, cache_folder, cache_problem, load_prequantized,
+                           prequantized_settings, save_cache, source_stamp)
 from .safetensors_io import checkpoint_files, iter_tensors
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -109,18 +114,43 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def load_model(name_or_path: str | Path, *, quantization: str = "nf4", double_quant: bool = True,
                compute_dtype: str | torch.dtype = "bfloat16",
-               device: str | torch.device | None = None) -> PreTrainedModel:
+               device: str | torch.device | None = None, offload: str = "none",
+               offload_dir: str | Path | None = None, resident_layers: int | str = "auto",
+               cache_dir: str | Path | None = None) -> PreTrainedModel:
     """Load a frozen causal LM: decoder linears as 4-bit `Linear4bit` (or 16-bit when
-    `quantization="none"`), everything else in `compute_dtype`. Streams from safetensors."""
+    `quantization="none"`), everything else in `compute_dtype`. Streams from safetensors.
+
+    A checkpoint that is already 4-bit (bitsandbytes' serialization, `prequantized.py`) loads
+    without quantizing; `quantization`/`double_quant` must match it. `cache_dir`: keep such a
+    copy of a 16-bit checkpoint there after the first load and load it from there later.
+    `offload` ("none", "cpu", "disk"): the 4-bit codes of all decoder layers but the first
+    `resident_layers` ("auto": what fits) live in pinned host memory or a file in
+    `offload_dir` and are streamed in per layer (`offload.py`).
+    """
     if quantization not in (*quant.QUANT_TYPES, "none"):
         raise QloraError(f"model.quantization: expected nf4, fp4 or none, got {quantization!r}")
     dtype = DTYPES[compute_dtype] if isinstance(compute_dtype, str) else compute_dtype
+    dtype_name = str(dtype).removeprefix("torch.")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = resolve_model_path(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-        raise QloraError(f"{path / 'config.json'}: cannot read model config ({str(e).splitlines()[0]})") from None
+    config = _read_config(path)
+    if offload != "none" and quantization == "none":
+        raise QloraError("model.offload streams 4-bit weights; it needs model.quantization nf4 or fp4")
+
+    source, pre, cache = path, prequantized_settings(config, path), None
+    if pre is not None:
+        _check_matches(path, pre, quantization, double_quant)
+    elif cache_dir and quantization != "none":
+        wanted = Prequantized(quantization, double_quant)
+        stamp = source_stamp(path, wanted, dtype_name)
+        folder = cache_folder(Path(cache_dir), path, wanted, dtype_name)
+        problem = cache_problem(folder, stamp)
+        if problem is None:
+            source, pre = folder, wanted
+        else:
+            if problem != "absent":
+                warnings.warn(f"model.cache_dir: {folder} {problem}; rebuilding it", stacklevel=2)
+            cache = (folder, stamp, wanted)
 
     # Parameters on meta (no memory); buffers such as rotary inv_freq are real and small.
     with init_empty_weights(include_buffers=False):
@@ -129,42 +159,109 @@ def load_model(name_or_path: str | Path, *, quantization: str = "nf4", double_qu
         except ValueError as e:
             raise QloraError(f"{path}: unsupported architecture ({str(e).splitlines()[0]})") from None
 
-    quantized: set[str] = set()
+    modules: dict[str, quant.QuantLinear] = {}
     if quantization != "none":
         for name in target_linears(model):
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, leaf, quant.empty_quant_linear(getattr(parent, leaf), quantization,
-                                                           double_quant, dtype))
-            quantized.add(name + ".weight")
+            modules[name] = quant.empty_quant_linear(getattr(parent, leaf), quantization, double_quant, dtype)
+            setattr(parent, leaf, modules[name])
+    streamer = _make_streamer(model, offload, offload_dir, resident_layers, double_quant, dtype, device)
+    layer_of = _layer_index(model)
 
-    files = checkpoint_files(path)
-    if files:
-        _stream_safetensors(model, files, quantized, dtype, device)
+    files = checkpoint_files(source)
+    if pre is not None:
+        load_prequantized(model, files, modules, pre, dtype, device,
+                          place=lambda n, t: _place(model, n, t, set(), dtype, device),
+                          streamer=streamer, layer_of=layer_of)
+    elif files:
+        _stream_safetensors(model, files, set(n + ".weight" for n in modules), dtype, device,
+                            streamer, layer_of)
     else:
-        _load_torch_bin(model, path, quantized, dtype, device)
+        _load_torch_bin(model, path, set(n + ".weight" for n in modules), dtype, device)
 
     if getattr(config, "tie_word_embeddings", False):
         # The checkpoint stores the shared matrix once; point the head at the embeddings.
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    # init_empty_weights left non-persistent buffers (rotary inv_freq) real, on the CPU.
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta and buf.device != device:
+                module._buffers[key] = buf.to(device)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise QloraError(f"{path}: checkpoint has no tensor for {missing[0]}"
+        raise QloraError(f"{source}: checkpoint has no tensor for {missing[0]}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False  # the KV cache is useless (and costs memory) in training
     model.qlora_source = str(path)  # where export finds the original weights
+    model.qlora_prequantized = pre is not None and source == path  # no 16-bit original exists
+    if streamer is not None:
+        model.qlora_streamer = streamer
+        attach_hooks(streamer)
+    if cache is not None:
+        folder, stamp, wanted = cache
+        save_cache(model, folder, path, path, stamp, wanted, dtype_name)
     return model
 
 
-def _stream_safetensors(model, files, quantized, dtype, device) -> None:
+def _read_config(path: Path):
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        raise QloraError(f"{path / 'config.json'}: cannot read model config ({str(e).splitlines()[0]})") from None
+
+
+def _check_matches(path: Path, pre: Prequantized, quantization: str, double_quant: bool) -> None:
+    """A pre-quantized checkpoint fixes the 4-bit format; asking for another is an error."""
+    if quantization == "none":
+        raise QloraError(f"{path}: the checkpoint is already {pre.quant_type} 4-bit; it cannot be "
+                         "loaded as model.quantization none (use its 16-bit original)")
+    if quantization != pre.quant_type:
+        raise QloraError(f"model.quantization: {quantization}, but {path} is pre-quantized as "
+                         f"{pre.quant_type} (set model.quantization: {pre.quant_type})")
+    if double_quant != pre.double_quant:
+        raise QloraError(f"model.double_quant: {str(double_quant).lower()}, but {path} was quantized "
+                         f"with double_quant {str(pre.double_quant).lower()}")
+
+
+def _make_streamer(model, offload, offload_dir, resident_layers, double_quant, dtype, device):
+    if offload == "none":
+        return None
+    layers = decoder_layers(model)
+    layer_bytes = payload_bytes(layer_slots(layers[0], double_quant, quant.BLOCKSIZE))
+    in_layers = {id(p) for p in layers.parameters()}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in in_layers) * dtype.itemsize
+    resident = resident_count(resident_layers, len(layers), layer_bytes, device, other)
+    return make_streamer(layers, home=offload, folder=None if offload_dir is None else Path(offload_dir),
+                         resident=resident, double_quant=double_quant, blocksize=quant.BLOCKSIZE,
+                         device=device)
+
+
+def _layer_index(model):
+    """`module name -> decoder layer index` (None outside the decoder layers)."""
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers) + "."
+
+    def layer_of(name: str) -> int | None:
+        if not name.startswith(prefix):
+            return None
+        return int(name[len(prefix):].split(".", 1)[0])
+    return layer_of
+
+
+def _stream_safetensors(model, files, quantized, dtype, device, streamer=None, layer_of=None) -> None:
     expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     for i, (name, tensor) in enumerate(iter_tensors(files)):
         if name not in expected:
             continue  # e.g. rotary caches some old checkpoints carry; the model rebuilds them
         _place(model, name, tensor, quantized, dtype, device)
         del tensor
+        if streamer is not None and name in quantized:
+            layer = layer_of(name)
+            if layer in streamer.slots:  # to its home as soon as it is quantized
+                streamer.adopt(layer, model.get_submodule(name[: -len(".weight")]))
         if i % 16 == 15:
             release_freed_memory()
     release_freed_memory()
@@ -225,18 +322,41 @@ def enable_gradient_checkpointing(model: PreTrainedModel, keep_matmul_layers: in
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    for layer in decoder_layers(model)[:keep_matmul_layers]:
+    # transformers also hooks the embeddings so their output requires grad (a crutch for
+    # reentrant checkpointing). With frozen embeddings that only makes backward compute input
+    # gradients for layer 0's q/k/v (a dequantize and a GEMM each) that nothing uses.
+    model.disable_input_require_grads()
+    streamer = getattr(model, "qlora_streamer", None)
+    for i, layer in enumerate(decoder_layers(model)):
+        keep = i < keep_matmul_layers
+        if not keep and streamer is None:
+            continue  # transformers' own checkpoint call is all this layer needs
         if not isinstance(layer, GradientCheckpointingLayer):
             raise QloraError(f"{type(layer).__name__} does not checkpoint itself per layer, so "
-                             "it cannot keep matmul outputs (set train.keep_matmuls_gb=0)")
+                             "it cannot keep matmul outputs or stream its weights "
+                             "(set train.keep_matmuls_gb=0 and model.offload=none)")
         # transformers' GradientCheckpointingLayer calls this attribute to checkpoint itself
         layer._gradient_checkpointing_func = functools.partial(
-            checkpoint, use_reentrant=False, context_fn=functools.partial(_keep_contexts, layer))
+            checkpoint, use_reentrant=False,
+            context_fn=functools.partial(_layer_contexts, layer, i, keep, streamer))
 
 
-def _keep_contexts(layer):
-    """(context of the original forward, context of the recompute) for torch's checkpoint."""
-    return quant.keeping_outputs(layer, "forward"), quant.keeping_outputs(layer, "recompute")
+def _layer_contexts(layer, i, keep, streamer):
+    """(context of the original forward, context of the recompute) for torch's checkpoint.
+
+    The recompute does not pass through module hooks (transformers checkpoints `forward`,
+    not `__call__`), so this is where a streamed layer learns that it is needed again."""
+    return _phase(layer, i, keep, None, "forward"), _phase(layer, i, keep, streamer, "recompute")
+
+
+@contextlib.contextmanager
+def _phase(layer, i, keep, streamer, phase):
+    with contextlib.ExitStack() as stack:  # entered only when checkpoint enters this phase
+        if streamer is not None:
+            stack.enter_context(recompute_context(streamer, i))
+        if keep:
+            stack.enter_context(quant.keeping_outputs(layer, phase))
+        yield
 
 
 def matmul_output_bytes(model: nn.Module, tokens: int) -> int:

@@ -179,6 +179,7 @@ class _Matmul4bit(torch.autograd.Function):
         ctx.weight, ctx.x_shape = weight, x.shape
         if kept is not None:
             return kept
+        _attach_if_streamed(weight, +1)
         if x.device.type == "cpu":
             y = _cpu_forward(x.reshape(-1, x.shape[-1]), weight, bias)
             return y.view(*x.shape[:-1], y.shape[-1])
@@ -187,12 +188,22 @@ class _Matmul4bit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad: (..., n)
         weight, x_shape = ctx.weight, ctx.x_shape
+        _attach_if_streamed(weight, -1)
         if grad.device.type == "cpu":
             gx = _cpu_input_grad(grad.reshape(-1, grad.shape[-1]), weight, x_shape[-1])
         else:
             w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(grad.dtype)
             gx = grad.reshape(-1, grad.shape[-1]) @ w
         return gx.view(x_shape), None, None, None  # base weight and bias are frozen
+
+
+def _attach_if_streamed(weight: Params4bit, step: int) -> None:
+    """An offloaded layer's codes are attached before it runs (offload.py's hooks); this
+    covers what the hooks cannot see, such as a backward pass without checkpointing."""
+    stream = getattr(weight, "_qlora_stream", None)
+    if stream is not None and weight.data.numel() == 0:
+        streamer, layer = stream
+        streamer.use(layer, step)
 
 
 # Which phase of a selectively checkpointed layer is running: None, "forward" or "recompute".
@@ -282,10 +293,14 @@ def set_quantized_weight(q: QuantLinear, weight: torch.Tensor, device: torch.dev
     """
     w = weight.to(device=device, dtype=source_dtype).contiguous()
     packed, state = quantize_4bit(w, q.weight.quant_type, q.weight.compress_statistics)
-    q.weight = Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
-                          compress_statistics=q.weight.compress_statistics,
-                          quant_type=q.weight.quant_type, quant_storage=torch.uint8,
-                          module=q, bnb_quantized=True)
+    set_packed_weight(q, packed, state)
+
+
+def set_packed_weight(q: QuantLinear, packed: torch.Tensor, state: QuantState) -> None:
+    """Give `q` already-quantized codes (uint8 (n*k/2, 1)) and their QuantState."""
+    q.weight = Params4bit(packed, requires_grad=False, quant_state=state, blocksize=state.blocksize,
+                          compress_statistics=state.nested, quant_type=state.quant_type,
+                          quant_storage=torch.uint8, module=q, bnb_quantized=True)
     q.quant_state = state
 
 

@@ -45,6 +45,22 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def check_intact(path: Path) -> None:
+    """Raise a one-line QloraError when `path` is not a whole safetensors file: unreadable
+    header, a header that is not a tensor table, or data cut short (a copy or save that was
+    killed). Reads only the header."""
+    if not Path(path).is_file():
+        raise QloraError(f"{path}: file is missing")
+    try:
+        header, start = read_header(path)
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    except (KeyError, TypeError, IndexError, AttributeError, struct.error):
+        raise QloraError(f"{path}: not a safetensors file (malformed header)") from None
+    size = Path(path).stat().st_size
+    if size < start + end:
+        raise QloraError(f"{path}: truncated ({size:,} of {start + end:,} bytes)")
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a Hugging Face checkpoint folder, sharded or single.
 
@@ -86,13 +102,34 @@ def read_tensor(f, entry: dict, data_start: int, path: Path, name: str) -> torch
     return out
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every tensor of every file, in on-disk order."""
+def iter_entries(files: list[Path]) -> Iterator[tuple[str, "Entry"]]:
+    """Yield (name, entry) for every tensor of every file, in on-disk order, without reading
+    it: `entry.read()` reads it, `entry.offset` is where its bytes start in `entry.path`."""
     for path in files:
         header, data_start = read_header(path)
         with open(path, "rb") as f:
-            for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                yield name, read_tensor(f, entry, data_start, path, name)
+            for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                yield name, Entry(path, f, name, meta, data_start)
+
+
+class Entry:
+    """One tensor of an open safetensors file."""
+
+    def __init__(self, path: Path, f, name: str, meta: dict, data_start: int):
+        self.path, self.f, self.name, self.meta, self.data_start = path, f, name, meta, data_start
+        self.offset = data_start + meta["data_offsets"][0]
+        self.nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
+        self.dtype = DTYPES.get(meta["dtype"])
+        self.shape = tuple(meta["shape"])
+
+    def read(self) -> torch.Tensor:
+        return read_tensor(self.f, self.meta, self.data_start, self.path, self.name)
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor of every file, in on-disk order."""
+    for name, entry in iter_entries(files):
+        yield name, entry.read()
 
 
 def tensor_names(files: list[Path]) -> dict[str, Path]:

@@ -29,11 +29,13 @@ from .errors import QloraError, TrainingInterrupted
 from .generate import generate
 from .lora import LoraSettings, add_lora, trainable_report
 from .loss import lm_loss_sum
-from .metrics import MetricsLog, peak_memory_gb, plot_loss
+from .metrics import MetricsLog, device_used_gb, peak_memory_gb, plot_loss, reset_peak_memory
 from .model import (DTYPES, decoder_layers, enable_gradient_checkpointing, load_model,
                     load_tokenizer, matmul_layers_within)
 from .memory import release_if_grown, release_memory_per_layer
-from .optim import build_optimizer, build_scheduler
+from .optim import LossScaler, build_optimizer, build_scheduler
+from .run_dir import plan_run_dir
+from .run_dir import prepare as prepare_run_dir
 
 
 @dataclass
@@ -51,9 +53,11 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     run_dir: Path
-    log: MetricsLog
-    state: dict = field(default_factory=lambda: {"step": 0})
+    log: MetricsLog | None = None
+    scaler: LossScaler | None = None  # fp16 compute only
+    state: dict = field(default_factory=lambda: {"step": 0, "skipped_steps": 0})
     stop_signal: list = field(default_factory=list)
+    last_eval: dict | None = None
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -62,32 +66,43 @@ class Run:
 
 # ----------------------------------------------------------------------------- setup
 
-def setup(recipe: Recipe, resume: bool = False) -> Run:
+def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Run:
     r, t = recipe, recipe.train
     run_dir = Path(t.output_dir)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    if acc.is_main_process:
-        _check_run_dir(run_dir, resume)
+    plan = plan_run_dir(run_dir, resume, overwrite)  # every process reads the same folder ...
     acc.wait_for_everyone()
+    if acc.is_main_process:  # ... before the main one changes it
+        for note in plan.notes:
+            tqdm.write(f"qlora: {note}")
+        prepare_run_dir(plan)
+    acc.wait_for_everyone()
+    resume = plan.action == "resume"
 
     tokenizer = load_tokenizer(r.model.tokenizer or r.model.name_or_path)
     ensure_pad_token(tokenizer)
-    train_ds, eval_ds, stats = build_datasets(
-        r.data.path, tokenizer, format=r.data.format, eval_path=r.data.eval_path,
-        eval_ratio=r.data.eval_ratio, max_seq_len=r.data.max_seq_len,
-        train_on_inputs=r.data.train_on_inputs, packing=r.data.packing,
-        skip_malformed=r.data.skip_malformed, seed=t.seed, split=r.data.split,
-        config_name=r.data.config_name)
+    t0 = time.perf_counter()
+    # The main process tokenizes into the datasets cache first; the others then read it
+    # instead of all writing the same cache files at once.
+    with acc.main_process_first():
+        train_ds, eval_ds, stats = build_datasets(
+            r.data.path, tokenizer, format=r.data.format, eval_path=r.data.eval_path,
+            eval_ratio=r.data.eval_ratio, max_seq_len=r.data.max_seq_len,
+            train_on_inputs=r.data.train_on_inputs, packing=r.data.packing,
+            skip_malformed=r.data.skip_malformed, seed=t.seed, split=r.data.split,
+            config_name=r.data.config_name)
     if len(train_ds) == 0:
         raise QloraError(f"{r.data.path}: no training example left after tokenization")
 
     torch.manual_seed(t.seed)  # identical LoRA init on every process
     model = load_model(r.model.name_or_path, quantization=r.model.quantization,
                        double_quant=r.model.double_quant, compute_dtype=r.model.compute_dtype,
-                       device=acc.device)
+                       device=acc.device, offload=r.model.offload,
+                       offload_dir=r.model.offload_dir or run_dir / "offload",
+                       resident_layers=r.model.resident_layers, cache_dir=r.model.cache_dir)
     add_lora(model, LoraSettings(r=r.lora.r, alpha=r.lora.alpha, dropout=r.lora.dropout,
                                  targets=r.lora.targets, rslora=r.lora.rslora,
-                                 dtype=DTYPES[r.lora.dtype]))
+                                 dtype=DTYPES[r.lora.resolved_dtype(r.model.compute_dtype)]))
     keep = 0
     if t.gradient_checkpointing:
         keep = matmul_layers_within(model, t.keep_matmuls_gb, t.batch_size * r.data.max_seq_len)
@@ -104,41 +119,49 @@ def setup(recipe: Recipe, resume: bool = False) -> Run:
     scheduler = build_scheduler(optimizer, total, t.warmup_ratio, t.schedule)
     run = Run(r, acc, model, tokenizer, train_ds, eval_ds, Collator(tokenizer.pad_token_id),
               optimizer, scheduler, total, steps_per_epoch, run_dir,
-              MetricsLog(run_dir, acc.is_main_process), state={"step": 0, "data": vars(stats)})
+              scaler=LossScaler() if r.model.compute_dtype == "float16" else None,
+              state={"step": 0, "skipped_steps": 0, "data": vars(stats)})
+    resume_step = None
     if resume:
-        _resume(run)
-    elif acc.is_main_process:
+        path = _resume(run, plan.checkpoint)
+        resume_step = run.state["step"]
+    if acc.is_main_process:
+        # on resume too: `--resume --set train.max_steps=70` must be what the next resume reads
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(r, run_dir / "recipe.yaml")
+    run.log = MetricsLog(run_dir, acc.is_main_process, resume_step=resume_step)
+    load = {"step": run.state["step"], "load_seconds": round(time.perf_counter() - t0, 2),
+            "load_peak_mem_gb": peak_memory_gb(acc.device)}
+    run.log.log(load)
+    reset_peak_memory(acc.device)  # from here on, peak memory is the training peak
     if acc.is_main_process:
+        if resume:
+            tqdm.write(f"qlora: resuming from {path} (step {run.state['step']})")
         counts = trainable_report(model)
         tqdm.write(f"qlora: {len(train_ds)} train / {len(eval_ds) if eval_ds else 0} eval examples "
                    f"({stats.dropped_no_target} dropped with no target, {stats.truncated} truncated); "
                    f"trainable {counts['trainable']:,} of {counts['total']:,} parameters "
-                   f"({100 * counts['trainable'] / counts['total']:.2f}%); {total} steps")
+                   f"({100 * counts['trainable'] / counts['total']:.2f}%); {total} steps; "
+                   f"loaded in {load['load_seconds']:.0f} s, peak {load['load_peak_mem_gb']:.2f} GiB")
+        for line in stats.report(r.data.path):
+            tqdm.write(f"qlora: {line}")
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions and r.data.max_seq_len > positions:
+            tqdm.write(f"qlora: warning: data.max_seq_len {r.data.max_seq_len} exceeds the model's "
+                       f"max_position_embeddings {positions}: positions beyond it were never trained")
         if keep:
             tqdm.write(f"qlora: checkpointing keeps the 4-bit matmul outputs of "
                        f"{keep} of {len(decoder_layers(model))} layers")
     return run
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume:
-        if ckpt.latest_checkpoint(run_dir) is None:
-            raise QloraError(f"{run_dir}: no complete checkpoint to resume from")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise QloraError(f"{run_dir}: output_dir already holds a run; resume it with "
-                         f"`qlora train --resume {run_dir}` or choose another train.output_dir")
-
-
-def _resume(run: Run) -> None:
-    path = ckpt.latest_checkpoint(run.run_dir)
+def _resume(run: Run, path: Path) -> Path:
     state = ckpt.load_checkpoint(path, run.model, run.optimizer, run.scheduler,
                                  run.acc.process_index, run.acc.num_processes)
     run.state.update(state)
-    run.log = MetricsLog(run.run_dir, run.acc.is_main_process, resume_step=state["step"])
-    if run.acc.is_main_process:
-        tqdm.write(f"qlora: resuming from {path} (step {state['step']})")
+    if run.scaler is not None and "loss_scaler" in state:
+        run.scaler.load_state_dict(state["loss_scaler"])
+    return path
 
 
 # ----------------------------------------------------------------------------- data order
@@ -173,6 +196,15 @@ def epoch_order(run: Run, epoch: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- fit
 
+@dataclass
+class StepResult:
+    loss: float  # mean token loss over the whole step (all micro-batches, all processes)
+    tokens: int  # trained tokens in the step
+    grad_norm: float  # before clipping
+    lr: float  # the learning rate this step used
+    status: str  # "ok", "overflow" (fp16 loss scaling), "nonfinite_loss", "nonfinite_grad"
+
+
 def fit(run: Run) -> dict:
     t, acc = run.recipe.train, run.acc
     run.model.train()
@@ -181,77 +213,113 @@ def fit(run: Run) -> dict:
                # redraw ~10×/s on a terminal; in a log file a line every 30 s is plenty
                mininterval=0.1 if sys.stderr.isatty() else 30)
     old_handlers = _catch_signals(run)
-    skipped = 0
     try:
         while run.state["step"] < run.total_steps:
             t0 = time.perf_counter()
-            loss, tokens, grad_norm = train_step(run)
+            res = train_step(run)
             step = run.state["step"] = run.state["step"] + 1
-            if not math.isfinite(loss):
-                if t.nan_policy == "stop":
-                    last = ckpt.latest_checkpoint(run.run_dir)
-                    raise QloraError(f"non-finite loss ({loss}) at step {step}; stopped. Last good "
-                                     f"checkpoint: {last or 'none'} (set train.nan_policy=skip "
-                                     "to skip such steps, or lower train.lr)")
-                skipped += 1
-            lr = run.scheduler.get_last_lr()[0]
-            tok_s = tokens / (time.perf_counter() - t0)
-            if step % t.logging_steps == 0 or step == run.total_steps or step == 1:
-                run.log.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                             "tokens_per_s": tok_s, "peak_mem_gb": peak_memory_gb(acc.device)})
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
+            _apply_nan_policy(run, res, step)
+            tok_s = res.tokens / (time.perf_counter() - t0)
+            if step % t.logging_steps == 0 or step == run.total_steps or step == 1 or res.status != "ok":
+                _log_step(run, res, step, tok_s)
+            bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}", tok_s=f"{tok_s:.0f}",
                             mem=f"{peak_memory_gb(acc.device):.2f}G", refresh=False)
             bar.update(1)
-            if t.eval_steps > 0 and step % t.eval_steps == 0 and run.eval_ds is not None:
-                run.state["eval_loss"] = evaluate(run)["eval_loss"]
-            if step % t.save_steps == 0 or step == run.total_steps:
-                save(run)
-            if _stop_requested(run):
-                path = save(run)
-                raise TrainingInterrupted(step, path)
+            last = step == run.total_steps
+            if run.eval_ds is not None and (step % t.eval_steps == 0 or last):
+                evaluate(run)  # the final step is always evaluated, before its checkpoint
+            saved = save(run) if step % t.save_steps == 0 or last else None
+            # A signal during the last step changes nothing: the run completes normally.
+            if not last and _stop_requested(run):
+                raise TrainingInterrupted(step, saved or save(run))
+    except BaseException:
+        run.log.close()
+        raise
     finally:
         bar.close()
         _restore_signals(old_handlers)
-    final = finish(run)
-    final["skipped_steps"] = skipped
-    return final
+    return finish(run)
 
 
-def train_step(run: Run) -> tuple[float, int, float]:
-    """One optimizer step; returns (mean token loss, trained tokens, grad norm), global."""
+def _apply_nan_policy(run: Run, res: StepResult, step: int) -> None:
+    """A step whose loss or gradient is not finite was not applied: stop, or count it."""
+    if res.status not in ("nonfinite_loss", "nonfinite_grad"):
+        return
+    what, value = (("loss", res.loss) if res.status == "nonfinite_loss"
+                   else ("gradient norm", res.grad_norm))
+    if run.recipe.train.nan_policy == "stop":
+        last = ckpt.latest_checkpoint(run.run_dir)
+        raise QloraError(f"non-finite {what} ({value}) at step {step}; stopped. Last good "
+                         f"checkpoint: {last or 'none'} (set train.nan_policy=skip "
+                         "to skip such steps, or lower train.lr)")
+    run.state["skipped_steps"] += 1
+    if run.acc.is_main_process:
+        tqdm.write(f"qlora: step {step} skipped: non-finite {what} ({value}); "
+                   f"{run.state['skipped_steps']} skipped so far")
+
+
+def _log_step(run: Run, res: StepResult, step: int, tok_s: float) -> None:
+    record = {"step": step, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
+              "tokens_per_s": tok_s, "peak_mem_gb": peak_memory_gb(run.acc.device)}
+    used = device_used_gb(run.acc.device)
+    if used is not None:
+        record["device_used_gb"] = used
+    if run.scaler is not None:
+        record["loss_scale"] = run.scaler.scale
+    if res.status != "ok":
+        record["status"] = res.status
+    run.log.log(record)
+
+
+def train_step(run: Run) -> StepResult:
+    """One optimizer step over this process's micro-batches; numbers are global."""
     t = run.recipe.train
     batches = [run.collator([run.train_ds[i] for i in idx]) for idx in step_examples(run, run.state["step"])]
     batches = [{k: v.to(run.acc.device) for k, v in b.items()} for b in batches]
     local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     total_tokens = _all_reduce(torch.tensor(float(local_tokens)), run).item()
+    scale = run.scaler.scale if run.scaler is not None else 1.0
     loss_sum = torch.zeros((), dtype=torch.float64)
     on_cpu = run.acc.device.type == "cpu"
     for b in batches:
         s, _ = lm_loss_sum(run.model, b)
         if on_cpu:  # the forward's freed temporaries, before backward needs memory
             release_if_grown()
-        (s / max(total_tokens, 1)).backward()
+        (s * (scale / max(total_tokens, 1))).backward()
         loss_sum += s.detach().double().cpu()
     for p in run.params:  # every process joins the all-reduce, even with no example this step
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     _all_reduce_grads(run)
+    if scale != 1.0:
+        for p in run.params:
+            p.grad.div_(scale)
     loss = _all_reduce(loss_sum, run).item() / max(total_tokens, 1)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, t.max_grad_norm if t.max_grad_norm > 0
                                                else float("inf")).item()
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    lr = run.scheduler.get_last_lr()[0]
+    if not math.isfinite(loss):
+        status = "nonfinite_loss"
+    elif not math.isfinite(grad_norm):
+        # Under fp16 loss scaling an overflow is routine: halve the scale and redo nothing.
+        scaling = run.scaler is not None and run.scaler.scale > LossScaler.MIN_SCALE
+        status = "overflow" if scaling else "nonfinite_grad"
+    else:
+        status = "ok"
         run.optimizer.step()
+    if run.scaler is not None:
+        run.scaler.update(overflow=status != "ok")
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if on_cpu:
         release_if_grown()
-    return loss, int(total_tokens), grad_norm
+    return StepResult(loss, int(total_tokens), grad_norm, lr, status)
 
 
-def _all_reduce(x: torch.Tensor, run: Run) -> torch.Tensor:
+def _all_reduce(x: torch.Tensor, run: Run, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if run.acc.num_processes > 1:
         x = x.to(run.acc.device)
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=op)
     return x.cpu()
 
 
@@ -288,6 +356,8 @@ def evaluate(run: Run) -> dict:
     loss_sum, tokens = _all_reduce(sums, run).tolist()
     loss = loss_sum / max(tokens, 1)
     out = {"step": run.state["step"], "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+    # Which weights this loss belongs to: only a checkpoint of this very step can be "best".
+    run.state["eval"] = {"step": run.state["step"], "loss": loss}
     if t.sample_prompts and acc.is_main_process:
         out["samples"] = [{"prompt": p, "output": generate(
             run.model, run.tokenizer, p, max_new_tokens=t.sample_max_new_tokens)}
@@ -296,6 +366,7 @@ def evaluate(run: Run) -> dict:
     if acc.is_main_process:
         tqdm.write(f"step {run.state['step']}: eval loss {loss:.4f}, ppl {out['eval_ppl']:.2f}")
     run.model.train(was_training)
+    run.last_eval = out
     return out
 
 
@@ -304,11 +375,13 @@ def evaluate(run: Run) -> dict:
 def save(run: Run) -> Path:
     """Checkpoint (main process writes; every process contributes its RNG state)."""
     from accelerate.utils import gather_object
-    rng = gather_object([torch.get_rng_state()])
+    rng = gather_object([ckpt.rng_state()])
     path = ckpt.checkpoint_dir(run.run_dir, run.state["step"])
+    state = dict(run.state)
+    if run.scaler is not None:
+        state["loss_scaler"] = run.scaler.state_dict()
     if run.acc.is_main_process:
-        ckpt.save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler,
-                             dict(run.state), rng)
+        ckpt.save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, state, rng)
         ckpt.rotate_checkpoints(run.run_dir, run.recipe.train.save_total_limit)
     run.acc.wait_for_everyone()
     return path
@@ -316,20 +389,49 @@ def save(run: Run) -> Path:
 
 def finish(run: Run) -> dict:
     """Final adapter (PEFT format) in RUN_DIR/adapter, the loss plot, and a summary."""
+    _check_replicas_agree(run)
     summary = {"steps": run.state["step"], "run_dir": str(run.run_dir),
-               "is_main_process": run.acc.is_main_process}
+               "is_main_process": run.acc.is_main_process,
+               "skipped_steps": run.state["skipped_steps"]}
     if run.eval_ds is not None:
-        summary.update(evaluate(run))
+        ev = run.last_eval
+        if ev is None or ev["step"] != run.state["step"]:  # e.g. resuming a finished run
+            ev = evaluate(run)
+        summary.update(ev)
     if run.acc.is_main_process:
         save_adapter(run.model, run.run_dir / "adapter")
         plot_loss(run.run_dir)
         run.log.close()
+    streamer = getattr(run.model, "qlora_streamer", None)
+    if streamer is not None:
+        st = streamer.stats
+        if run.acc.is_main_process:
+            tqdm.write(f"qlora: streamed {st.fetches} layers ({st.bytes / 2**30:.1f} GiB): "
+                       f"{st.io_seconds:.1f} s reading, {st.wait_seconds:.1f} s not hidden behind compute")
+        streamer.close()
     run.acc.wait_for_everyone()
     return summary
 
 
-def train(recipe: Recipe, resume: bool = False) -> dict:
-    run = setup(recipe, resume=resume)
+def _check_replicas_agree(run: Run) -> None:
+    """Every process must end with bitwise the same LoRA factors (same all-reduced gradients,
+    same optimizer): compare a fingerprint of them across processes."""
+    if run.acc.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in run.params])  # (P,)
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+    fingerprint = torch.stack([flat.sum(), (flat * flat).sum(), (flat * weights).sum()])
+    hi = _all_reduce(fingerprint.clone(), run, dist.ReduceOp.MAX)
+    lo = _all_reduce(fingerprint.clone(), run, dist.ReduceOp.MIN)
+    if not torch.equal(hi, lo):
+        raise RuntimeError(f"LoRA factors differ between the {run.acc.num_processes} processes "
+                           f"at step {run.state['step']} (fingerprints {lo.tolist()} vs {hi.tolist()})")
+
+
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train from `recipe`; `resume` continues its output_dir from the newest intact
+    checkpoint, `overwrite` replaces the run there (see run_dir.py for every case)."""
+    run = setup(recipe, resume=resume, overwrite=overwrite)
     return fit(run)
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,21 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
+def signal_during_step(monkeypatch, step: int):
+    """Have SIGINT's handler fire during optimizer step `step` (1-based), as a user's Ctrl-C
+    would; returns a function that puts the real train_step back."""
+    import qlora.train as T
+    real = T.train_step
+
+    def wrapped(r):
+        out = real(r)
+        if r.state["step"] == step - 1:  # the counter moves on after train_step returns
+            r.stop_signal.append(signal.SIGINT)
+        return out
+    monkeypatch.setattr(T, "train_step", wrapped)
+    return lambda: monkeypatch.setattr(T, "train_step", real)
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "none"])
 def test_finetuning_lowers_eval_loss(stories, alpaca_slice, tmp_path, quantization):
     recipe = make_recipe(stories, alpaca_slice, tmp_path / "run", max_steps=30, lr=3e-3,
@@ -77,19 +93,11 @@ def test_resume_is_exact(stories, alpaca_slice, tmp_path, monkeypatch):
 
     resumed = tmp_path / "resumed"
     run = setup(make_recipe(stories, alpaca_slice, resumed))
-    import qlora.train as T
-    real_step = T.train_step
-
-    def step_then_signal(r):  # the SIGINT handler's effect, delivered after step 2
-        out = real_step(r)
-        if r.state["step"] == 1:
-            r.stop_signal.append(signal.SIGINT)
-        return out
-    monkeypatch.setattr(T, "train_step", step_then_signal)
+    restore = signal_during_step(monkeypatch, 2)
     with pytest.raises(TrainingInterrupted) as info:
         fit(run)
     assert info.value.step == 2 and not (resumed / "adapter").exists()
-    monkeypatch.setattr(T, "train_step", real_step)
+    restore()
     train(make_recipe(stories, alpaca_slice, resumed), resume=True)
 
     assert losses(straight) == losses(resumed) and len(losses(straight)) == 4
@@ -241,22 +249,153 @@ def test_existing_run_dir_is_refused(stories, alpaca_slice, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(QloraError, match="already holds a run"):
+    with pytest.raises(QloraError, match="holds files that are not a qlora run"):
         setup(make_recipe(stories, alpaca_slice, out))
+    with pytest.raises(QloraError, match="not a qlora run; --overwrite only replaces runs"):
+        setup(make_recipe(stories, alpaca_slice, out), overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
 
 
-@pytest.mark.parametrize("name", ["paged_adamw_32bit", "adamw_8bit"])
-def test_bitsandbytes_optimizer_state_round_trips(tmp_path, name):
-    """bitsandbytes nests tensors inside per-parameter state; checkpoints must keep them."""
-    from qlora.checkpoint import _join_optimizer_state, _split_optimizer_state
-    p = torch.nn.Parameter(torch.randn(64, 64))
-    opt = build_optimizer([p], name, lr=1e-3, weight_decay=0.0)
-    p.grad = torch.randn_like(p)
-    opt.step()
-    tensors, rest = _split_optimizer_state(opt.state_dict())
-    json.dumps(rest)  # no tensor left in the JSON part
-    fresh = build_optimizer([torch.nn.Parameter(p.detach().clone())], name, lr=1e-3, weight_decay=0.0)
-    fresh.load_state_dict(_join_optimizer_state(tensors, json.loads(json.dumps(rest))))
-    again, _ = _split_optimizer_state(fresh.state_dict())
-    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+def test_non_finite_gradient_with_finite_loss_follows_the_policy(stories, alpaca_slice, tmp_path,
+                                                                  monkeypatch):
+    """A finite loss with an inf gradient used to skip the optimizer step silently."""
+    import qlora.train as T
+    real = T._all_reduce_grads
+
+    def inf_grad_at_step_3(run):
+        real(run)
+        if run.state["step"] == 2:  # 0-based: the third step
+            run.params[0].grad.view(-1)[0] = float("inf")
+    monkeypatch.setattr(T, "_all_reduce_grads", inf_grad_at_step_3)
+    with pytest.raises(QloraError, match="non-finite gradient norm .* at step 3.*checkpoint-000002"):
+        train(make_recipe(stories, alpaca_slice, tmp_path / "stop"))
+    summary = train(make_recipe(stories, alpaca_slice, tmp_path / "skip", nan_policy="skip"))
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+    statuses = {r["step"]: r.get("status") for r in read_metrics(tmp_path / "skip") if "loss" in r}
+    assert statuses == {1: None, 2: None, 3: "nonfinite_grad", 4: None}
+
+
+def test_logged_lr_is_the_one_the_step_used(stories, alpaca_slice, tmp_path):
+    train(make_recipe(stories, alpaca_slice, tmp_path / "run", warmup_ratio=0.5, lr=1e-3))
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])  # warmup over 2 of 4 steps
+
+
+def test_float16_compute_trains_with_loss_scaling_and_resumes_exactly(stories, alpaca_slice, tmp_path,
+                                                                       monkeypatch):
+    """fp16 (GPUs without bf16): fp32 LoRA factors, a loss scale; an overflowing step is
+    skipped and halves the scale without counting as a non-finite step; the scale is part
+    of the checkpoint, so resume is exact."""
+    import qlora.train as T
+
+    def fp16(out, **kw):
+        r = make_recipe(stories, alpaca_slice, out, max_steps=6, lr=3e-3, grad_accum=1, **kw)
+        r.model.compute_dtype = "float16"
+        return r
+    real = T._all_reduce_grads
+
+    def overflow_at_step_2(run):
+        real(run)
+        if run.state["step"] == 1:
+            run.params[0].grad.view(-1)[0] = float("inf")
+    monkeypatch.setattr(T, "_all_reduce_grads", overflow_at_step_2)
+    run = setup(fp16(tmp_path / "straight", eval_steps=6))
+    assert {p.dtype for p in run.params} == {torch.float32}
+    from qlora.train import evaluate
+    before = evaluate(run)["eval_loss"]
+    summary = fit(run)
+    assert summary["eval_loss"] < before - 0.15 and summary["skipped_steps"] == 0
+    logged = [r for r in read_metrics(tmp_path / "straight") if "loss" in r]
+    assert [r.get("status") for r in logged] == [None, "overflow", None, None, None, None]
+    assert [r["loss_scale"] for r in logged[:3]] == [2.0**16, 2.0**15, 2.0**15]
+
+    resumed = tmp_path / "resumed"
+    run = setup(fp16(resumed, eval_steps=6))
+    restore = signal_during_step(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted):
+        fit(run)
+    restore()
+    train(fp16(resumed, eval_steps=6), resume=True)
+    assert losses(tmp_path / "straight") == losses(resumed)
+    a, b = adapter(tmp_path / "straight"), adapter(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainable_report_counts_tied_embeddings_once(stories):
+    from safetensors import safe_open
+    from qlora.lora import trainable_report
+    with safe_open(str(stories / "model.safetensors"), "pt") as f:
+        on_disk = sum(f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape() + [1])[1]
+                      for k in f.keys())
+    model = load_model(stories)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, stored once
+    add_lora(model, LoraSettings(r=4, alpha=8))
+    counts = trainable_report(model)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert counts == {"trainable": lora, "total": on_disk + lora}
+
+
+def test_checkpointing_computes_no_input_gradient_for_the_embeddings(stories, monkeypatch):
+    """transformers' checkpointing call hooks the embeddings so their output requires grad;
+    with frozen embeddings that only costs layer 0's q/k/v input gradients (a dequantize and
+    a GEMM each). Without the hook: 7 per layer minus those 3, and the same LoRA gradients."""
+    from qlora import quant
+    from qlora.model import enable_gradient_checkpointing
+    calls = []
+    real = quant._cpu_input_grad
+    monkeypatch.setattr(quant, "_cpu_input_grad", lambda *a: calls.append(1) or real(*a))
+
+    def grads(hook: bool):
+        torch.manual_seed(0)
+        model = load_model(stories)
+        add_lora(model, LoraSettings(r=4, alpha=8))
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                torch.nn.init.normal_(m.lora_B.weight)
+        enable_gradient_checkpointing(model)
+        if hook:
+            model.enable_input_require_grads()
+        model.train()
+        calls.clear()
+        ids = torch.arange(1, 33).view(1, 32)
+        model(ids, labels=ids).loss.backward()
+        return len(calls), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    n_layers = 5
+    without, g0 = grads(hook=False)
+    with_hook, g1 = grads(hook=True)
+    assert without == 7 * n_layers - 3 and with_hook == 7 * n_layers
+    assert all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+def test_replicas_that_disagree_are_caught(stories, alpaca_slice, tmp_path, monkeypatch):
+    """At the end of a multi-process run every process must hold the same LoRA factors."""
+    import qlora.train as T
+    run = setup(make_recipe(stories, alpaca_slice, tmp_path / "run", max_steps=1))
+    run.acc = types.SimpleNamespace(num_processes=2)
+    monkeypatch.setattr(T, "_all_reduce", lambda x, r, op=None: x)  # both hold these factors
+    T._check_replicas_agree(run)
+    flip = iter([False, True])
+    monkeypatch.setattr(T, "_all_reduce", lambda x, r, op=None: x + next(flip))  # max != min
+    with pytest.raises(RuntimeError, match="LoRA factors differ between the 2 processes"):
+        T._check_replicas_agree(run)
+
+
+def test_peak_memory_counts_what_the_device_holds(monkeypatch):
+    from qlora import metrics
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d=None: 3 * 2**30)
+    monkeypatch.setattr("qlora.optim.paged_bytes", lambda opt=None: 2**30)  # managed memory
+    assert metrics.peak_memory_gb(torch.device("cuda")) == 4.0
+    # CPU: the resident peak, reset after loading
+    cpu = torch.device("cpu")
+    big = torch.ones(300 * 2**20, dtype=torch.uint8)  # 300 MiB resident
+    del big
+    high = metrics.peak_memory_gb(cpu)
+    metrics.reset_peak_memory(cpu)
+    assert metrics.peak_memory_gb(cpu) < high - 0.25
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_buffer_is_on_the_device_after_loading(stories):
+    model = load_model(stories, device="cuda")
+    assert all(b.device.type == "cuda" for b in model.buffers())
+    assert all(p.device.type == "cuda" for p in model.parameters())
