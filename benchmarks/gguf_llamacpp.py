@@ -20,14 +20,14 @@ For each model:
      the largest difference, and argmax agreement at every position;
    - greedy continuations (3 x 32 tokens), token for token.
    The yardstick for "fp16 noise" (bf16 for the bf16 GGUF) is transformers itself in fp16
-   (bf16) compute against fp32 compute on the same export. A position where the reference's
+   (bf16) compute against fp32 compute on the same export; for q8_0, transformers on the q8_0
+   GGUF's own 8-bit weights (dequantized, fp32 compute). A position where the reference's
    margin between its token and the other side's is below that noise is a near-tie: there,
    rounding alone may pick either token (transformers' own fp16 compute does too), so a
    greedy difference is only a failure when its first token is not a near-tie, and a
    teacher-forced argmax difference only at a margin of at least the noise. The same for
    llama.cpp's base GGUF + GGUF LoRA against the merged model (transformers) and against
-   llama.cpp's merged f16 GGUF. For q8_0, transformers on the GGUF's own 8-bit weights
-   (dequantized, fp32 compute) shows how much of its difference the weights alone make;
+   llama.cpp's merged f16 GGUF;
 4. checks llama.cpp's tokenizer against the Hugging Face one on a few texts.
 """
 
@@ -91,14 +91,6 @@ def hf_greedy(model, ids: list[int]) -> list[int]:
     for _ in range(GREEDY_TOKENS):  # full forward each step: the same math as the logits check
         out.append(int(hf_logits(model, out)[-1].argmax()))
     return out[len(ids):]
-
-
-def hf_against(ref: list[np.ndarray], seqs: list[list[int]], path: Path, **load) -> dict:
-    """transformers on `path` (from_pretrained keywords `load`) against the reference logits
-    `ref` on `seqs`: in fp16/bf16 compute, the yardstick for what rounding alone does."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, **load).eval()
-    return compare_logits(ref, [hf_logits(model, s) for s in seqs])
 
 
 def llama(path: Path, lora: Path | None = None, threads: int = 2, **kw):
@@ -231,31 +223,41 @@ def check_model(name: str, base: Path, data: Path, steps: int, work: Path, chat:
     # continuation, so argmax agreement covers the generated tokens too.
     seqs = [p + g for p, g in zip(ids, ref_greedy["fp16"])]
     ref = {dt: [hf_logits(m, s) for s in seqs] for dt, m in hf.items()}
-    for dt, half in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        r[f"transformers_{dt}_noise"] = hf_against(ref[dt], seqs, exports["st-" + dt], dtype=half)
-    if "q8_0" in exports:  # what the 8-bit weights alone do: transformers dequantizes them, fp32 compute
-        r["transformers_q8_0_weights"] = hf_against(ref["fp16"], seqs, exports["q8_0"].parent,
-                                                    gguf_file=exports["q8_0"].name, dtype=torch.float32)
-    noise = {dt: r[f"transformers_{dt}_noise"]["max_logit_diff"] for dt in ("fp16", "bf16")}
+    # What each GGUF type's rounding alone does, in transformers against its own fp32 compute:
+    # fp16 / bf16 compute on the fp16 / bf16 export, and the q8_0 GGUF's own 8-bit weights
+    # (dequantized by transformers' GGUF reader) in fp32 compute. Each GGUF is held to its type's.
+    roundings = {"f16": ("fp16", "transformers_fp16_noise", exports["st-fp16"], {"dtype": torch.float16}),
+                 "bf16": ("bf16", "transformers_bf16_noise", exports["st-bf16"], {"dtype": torch.bfloat16})}
+    if "q8_0" in exports:
+        roundings["q8_0"] = ("fp16", "transformers_q8_0_weights", exports["q8_0"].parent,
+                             {"gguf_file": exports["q8_0"].name, "dtype": torch.float32})
+    noise = {}
+    for dt, (st, key, path, load) in roundings.items():
+        model = AutoModelForCausalLM.from_pretrained(path, **load).eval()
+        r[key] = compare_logits(ref[st], [hf_logits(model, s) for s in seqs])
+        noise[dt] = r[key]["max_logit_diff"]
+        r[key] |= compare_greedy(hf[st], ids, ref_greedy[st], [hf_greedy(model, p) for p in ids], noise[dt])
+        del model
 
-    def run_gguf(key: str, path: Path, st: str, lora: Path | None = None) -> list[list[int]]:
-        """llama.cpp on one GGUF against transformers on safetensors export `st`; its greedy."""
+    def run_gguf(key: str, dt: str, path: Path, st: str, lora: Path | None = None) -> list[list[int]]:
+        """llama.cpp on one GGUF (type `dt`) against transformers on safetensors export `st`;
+        returns its greedy continuations."""
         llm = llama(path, lora, threads=threads)
-        r[key] = compare_logits(ref[st], [lc_logits(llm, s) for s in seqs], noise[st])
+        r[key] = compare_logits(ref[st], [lc_logits(llm, s) for s in seqs], noise[dt])
         greedy = [lc_greedy(llm, p) for p in ids]
         llm.close()
-        r[key] |= compare_greedy(hf[st], ids, ref_greedy[st], greedy, noise[st])
+        r[key] |= compare_greedy(hf[st], ids, ref_greedy[st], greedy, noise[dt])
         return greedy
 
-    for dt, st in (("f16", "fp16"), ("bf16", "bf16"), ("q8_0", "fp16")):  # q8_0: fp16 noise, for scale
+    for dt, st in (("f16", "fp16"), ("bf16", "bf16"), ("q8_0", "fp16")):
         if dt in exports:
-            greedy = run_gguf(f"gguf_{dt}", exports[dt], st)
+            greedy = run_gguf(f"gguf_{dt}", dt, exports[dt], st)
             if dt == "f16":
                 merged_greedy = greedy
-    lora_greedy = run_gguf("gguf_base_plus_lora", exports["base"], "fp16", exports["lora"])
+    lora_greedy = run_gguf("gguf_base_plus_lora", "f16", exports["base"], "fp16", exports["lora"])
     # against llama.cpp's merged f16 GGUF; the margin at a difference is still transformers'
     r["gguf_base_plus_lora"]["vs_merged_gguf"] = compare_greedy(hf["fp16"], ids, merged_greedy, lora_greedy,
-                                                                noise["fp16"])
+                                                                noise["f16"])
     base_llm = llama(exports["base"], threads=threads)  # the adapter must change something
     r["gguf_base_alone"] = compare_logits(ref["fp16"], [lc_logits(base_llm, s) for s in seqs])
     base_llm.close()
@@ -274,7 +276,7 @@ def check_model(name: str, base: Path, data: Path, steps: int, work: Path, chat:
 
 def table(results: list[dict]) -> str:
     rows = ["| model | GGUF / compute | vs | max abs logit diff | / max abs logit | argmax agree | "
-            "argmax differs, margin ≥ noise | greedy 3x32 | first differences: token (reference margin) |",
+            "argmax differs, margin ≥ noise of its type | greedy 3x32 | first differences: token (reference margin) |",
             "|---|---|---|---|---|---|---|---|---|"]
 
     def greedy(x: dict) -> tuple[str, str]:
@@ -285,14 +287,14 @@ def table(results: list[dict]) -> str:
                 ", ".join(f"p{f['prompt']} t{f['token']} ({f['ref_margin']:.4f})" for f in x["greedy_first_differences"]))
 
     for r in results:
-        for dt, label in (("fp16", "transformers fp16 compute"), ("bf16", "transformers bf16 compute")):
-            n = r[f"transformers_{dt}_noise"]
-            rows.append(f"| {r['model']} | {label} (noise) | safetensors {dt}, fp32 compute | {n['max_logit_diff']:.4g} | "
-                        f"{n['rel']:.2%} | {n['argmax_agreement']:.1%} of {n['positions']} | | | |")
-        if "transformers_q8_0_weights" in r:
-            n = r["transformers_q8_0_weights"]
-            rows.append(f"| {r['model']} | transformers on the q8_0 GGUF's weights, fp32 compute | safetensors fp16 | "
-                        f"{n['max_logit_diff']:.4g} | {n['rel']:.2%} | {n['argmax_agreement']:.1%} of {n['positions']} | | | |")
+        for key, label, vs in (("transformers_fp16_noise", "transformers fp16 compute", "safetensors fp16, fp32 compute"),
+                               ("transformers_bf16_noise", "transformers bf16 compute", "safetensors bf16, fp32 compute"),
+                               ("transformers_q8_0_weights", "transformers on the q8_0 GGUF's weights, fp32 compute",
+                                "safetensors fp16, fp32 compute")):
+            if key in r:
+                n, g = r[key], greedy(r[key])
+                rows.append(f"| {r['model']} | {label} (noise) | {vs} | {n['max_logit_diff']:.4g} | {n['rel']:.2%} | "
+                            f"{n['argmax_agreement']:.1%} of {n['positions']} | | {g[0]} | {g[1]} |")
         for key, label, vs in (("gguf_f16", "f16", "safetensors fp16"), ("gguf_bf16", "bf16", "safetensors bf16"),
                                ("gguf_q8_0", "q8_0", "safetensors fp16"),
                                ("gguf_base_plus_lora", "base f16 + LoRA f16", "safetensors fp16 (merged)"),

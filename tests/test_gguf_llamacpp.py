@@ -108,7 +108,9 @@ def test_llamacpp_runs_smollm2_exports(tmp_path):
     r = check_model("SmolLM2-135M", folder, asset("data/messages_300.json"), steps=8,
                     work=tmp_path / "work", chat=True)
     assert_llamacpp_matches(r)
-    q8 = r["gguf_q8_0"]  # 8-bit weights and (in llama.cpp's matmuls) 8-bit activations
-    assert q8["max_logit_diff"] <= 2 * r["transformers_q8_0_weights"]["max_logit_diff"], q8
-    assert q8["rel"] < 0.1 and q8["argmax_agreement"] >= 0.9, q8
+    # q8_0: 8-bit weights, and in llama.cpp's matmuls 8-bit activations too: at most twice what
+    # the weights alone do in transformers, and its answers differ only where those weights' do
+    q8, weights = r["gguf_q8_0"], r["transformers_q8_0_weights"]
+    assert q8["max_logit_diff"] <= 2 * weights["max_logit_diff"], q8
+    assert q8["argmax_differences_beyond_noise"] == 0 and q8["greedy_differences_near_ties"], q8
     assert "TEMPLATE" in r["modelfile"] and "<|im_start|>" in r["modelfile"]
