@@ -22,7 +22,7 @@ from .config import LoraConfig
 from .dtypes import SAFETENSORS, dtype_name
 from .errors import QloraError
 from .lora import add_lora, lora_layers
-from .safetensors_io import TensorReader
+from .safetensors_io import TensorReader, check_intact
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -93,14 +93,22 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Add LoRA layers to `model` as the adapter describes, then load its weights (strict)."""
     s, _ = read_adapter_config(adapter_dir)
     weights = Path(adapter_dir) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise QloraError(f"{adapter_dir}: missing {WEIGHTS_NAME}")
+    check_adapter_weights(Path(adapter_dir))
     state = load_file(str(weights))
     s = dataclasses.replace(s, dtype=factor_dtype(next(iter(state.values())).dtype if state else torch.bfloat16))
     if not lora_layers(model):
         add_lora(model, s)
     load_adapter_weights(model, state, source=str(weights))
     return model
+
+
+def check_adapter_weights(adapter_dir: Path) -> None:
+    """One line, before any model is loaded, when the adapter's weights file is missing,
+    truncated or not safetensors (headers only)."""
+    weights = adapter_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        raise QloraError(f"{adapter_dir}: missing {WEIGHTS_NAME}")
+    check_intact(weights)
 
 
 def load_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -103,7 +103,7 @@ class ModelConfig(_Section):
     offload: Offload = "none"
     """Where the 4-bit weights of the decoder layers past model.resident_layers live between uses: 'cpu' (pinned host memory on a GPU machine; copies overlap compute) or 'disk' (a file read per layer, so a model larger than memory trains); each layer is brought in just before it runs and the next one prefetched. Same numbers as 'none'."""
     offload_dir: str | None = None
-    """Folder for model.offload disk's layer file; null means RUN_DIR/offload when training, a temporary folder otherwise."""
+    """Folder for model.offload disk's layer file; null means RUN_DIR/offload (also when `qlora generate`/`eval` run the run's adapter; each process's file is removed when it exits)."""
     resident_layers: int | Literal["auto"] = "auto"
     """With model.offload: how many decoder layers (the first ones) stay on the compute device; 'auto' keeps as many as its free memory allows after a reserve of 20% (at least 1.5 GiB)."""
     cache_dir: str | None = None

@@ -25,8 +25,12 @@ What gets written for each checkpoint tensor, with `merge_into="dequantized"` (t
 The 4-bit round trip runs on `device` (default: CUDA when available); it is bitwise what
 `load_model` builds on that device.
 
+A pre-quantized 4-bit base (prequantized.py) is read through base_checkpoint.py: its
+linears arrive dequantized, exactly what training multiplied by, and are merged as they are
+(no round trip: for a checkpoint `model.cache_dir` wrote, bitwise the export of its source).
+
 With `merge_into="original"` every tensor starts from the original 16/32-bit checkpoint
-weight instead. Trade-off: the adapter was trained to correct the *quantized* base, so this
+weight instead (impossible on a pre-quantized base: there is none). Trade-off: the adapter was trained to correct the *quantized* base, so this
 export differs from what training saw by the quantization error of every decoder linear
 (on the order of a few percent of each weight), and its outputs drift from the adapter's
 accordingly; in exchange it keeps the base model's full-precision weights, which is what
@@ -60,13 +64,14 @@ import torch
 from . import quant
 from .adapter import CONFIG_NAME, AdapterFactors, Delta, read_adapter_config
 from .atomic import write_atomically
-from .dtypes import SAFETENSORS, SAFETENSORS_CODES, dtype_name, dtype_named
+from .base_checkpoint import BaseCheckpoint, BaseTensor
+from .dtypes import SAFETENSORS_CODES, dtype_name, dtype_named
 from .errors import QloraError
 from .lora import merged_weight
 from .memory import release_freed_memory
 from .model import build_skeleton, resolve_device
 from .resolve import EXPORT_INFO, ModelSource, checkpoints, resolve
-from .safetensors_io import INDEX_NAME, SINGLE_NAME, checkpoint_files, read_header, read_tensor
+from .safetensors_io import INDEX_NAME, SINGLE_NAME
 from .verify import FP16_MAX, VERIFY_RTOL, verify_folder
 
 log = logging.getLogger(__name__)
@@ -129,9 +134,6 @@ def quantized_weight_names(base: Path, quantization: str) -> set[str]:
 @dataclass
 class Item:
     name: str
-    file: Path
-    entry: dict  # the source safetensors header entry
-    data_start: int
     dtype: torch.dtype  # output dtype
     shape: list[int]
     nbytes: int
@@ -143,29 +145,20 @@ class Shard:
     nbytes: int = 0
 
 
-def plan_shards(files: list[Path], out_dtype: torch.dtype, max_bytes: int) -> list[Shard]:
-    """Assign every checkpoint tensor, in on-disk order, to an output shard (from headers).
+def plan_shards(entries: list[BaseTensor], out_dtype: torch.dtype, max_bytes: int) -> list[Shard]:
+    """Assign every base tensor, in on-disk order, to an output shard (from headers).
 
     Greedy like transformers: a shard closes when the next tensor would take it past
     `max_bytes`; a tensor larger than that gets a shard of its own.
     """
     shards = [Shard()]
-    seen: dict[str, Path] = {}
-    for path in files:
-        header, data_start = read_header(path)
-        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if name in seen:
-                raise QloraError(f"{path}: tensor {name} also appears in {seen[name].name}")
-            seen[name] = path
-            src = SAFETENSORS.get(entry["dtype"])
-            if src is None:
-                raise QloraError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-            dtype = out_dtype if src.is_floating_point else src
-            nbytes = math.prod(entry["shape"]) * dtype.itemsize
-            if shards[-1].items and shards[-1].nbytes + nbytes > max_bytes:
-                shards.append(Shard())
-            shards[-1].items.append(Item(name, path, entry, data_start, dtype, list(entry["shape"]), nbytes))
-            shards[-1].nbytes += nbytes
+    for t in entries:
+        dtype = out_dtype if t.dtype.is_floating_point else t.dtype
+        nbytes = math.prod(t.shape) * dtype.itemsize
+        if shards[-1].items and shards[-1].nbytes + nbytes > max_bytes:
+            shards.append(Shard())
+        shards[-1].items.append(Item(t.name, dtype, list(t.shape), nbytes))
+        shards[-1].nbytes += nbytes
     return shards
 
 
@@ -202,6 +195,7 @@ class Merger:
     double_quant: bool
     compute_dtype: torch.dtype
     device: torch.device = torch.device("cpu")
+    prequantized: bool = False  # the base's 4-bit linears arrive dequantized (base_checkpoint.py)
     merged: int = 0
     dequantized: int = 0
 
@@ -210,7 +204,9 @@ class Merger:
             return w
         delta = self.deltas.get(name)
         if self.merge_into == "dequantized":
-            if name in self.quantized:
+            if name in self.quantized and self.prequantized:
+                self.dequantized += 1  # already exactly what training multiplied by
+            elif name in self.quantized:
                 # the 4-bit round trip on the device training ran on is what training saw
                 w = quant.nf4_roundtrip(w, self.quantization, self.double_quant, self.compute_dtype,
                                         device=self.device)
@@ -245,38 +241,27 @@ def check_fp16_range(name: str, w: torch.Tensor) -> None:
                          "export with --dtype bf16 instead")
 
 
-def write_shards(tmp: Path, shards: list[Shard], merger: Merger) -> list[str]:
+def write_shards(tmp: Path, shards: list[Shard], base: BaseCheckpoint, merger: Merger) -> list[str]:
     """Stream every tensor from the base checkpoint through `merger` into its shard file.
 
     Only the tensor being worked on is in memory: each shard's header is known from the
     plan, so tensors are appended to the open file as they are produced.
     """
     names = shard_names(len(shards))
-    handles: dict[Path, object] = {}
-    try:
-        for shard, fname in zip(shards, names):
-            with open(tmp / fname, "wb") as out:
-                out.write(_header_bytes(shard.items))
-                for it in shard.items:
-                    f = handles.get(it.file)
-                    if f is None:
-                        for old in handles.values():
-                            old.close()  # on-disk order: a finished source file is done with
-                        handles = {it.file: (f := open(it.file, "rb"))}
-                    value = merger(it.name, read_tensor(f, it.entry, it.data_start, it.file, it.name))
-                    value = value.contiguous()
-                    if value.dtype != it.dtype or list(value.shape) != it.shape:
-                        raise AssertionError(f"{it.name}: produced {value.dtype} {tuple(value.shape)}")
-                    if it.nbytes:
-                        out.write(memoryview(value.view(-1).view(torch.uint8).numpy()))
-                    del value
-                    # The round trip's temporaries leave freed holes glibc keeps unless asked:
-                    # the heap grew with every tensor written (benchmarks/README.md, "Export at scale").
-                    release_freed_memory()
-            log.info("wrote %s (%.1f MB)", fname, shard.nbytes / 1e6)
-    finally:
-        for f in handles.values():
-            f.close()
+    for shard, fname in zip(shards, names):
+        with open(tmp / fname, "wb") as out:
+            out.write(_header_bytes(shard.items))
+            for it in shard.items:
+                value = merger(it.name, base(it.name, merger.device)).contiguous()
+                if value.dtype != it.dtype or list(value.shape) != it.shape:
+                    raise AssertionError(f"{it.name}: produced {value.dtype} {tuple(value.shape)}")
+                if it.nbytes:
+                    out.write(memoryview(value.view(-1).view(torch.uint8).numpy()))
+                del value
+                # The round trip's temporaries leave freed holes glibc keeps unless asked:
+                # the heap grew with every tensor written (benchmarks/README.md, "Export at scale").
+                release_freed_memory()
+        log.info("wrote %s (%.1f MB)", fname, shard.nbytes / 1e6)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
                  "weight_map": {it.name: fname for s, fname in zip(shards, names) for it in s.items}}
@@ -357,27 +342,22 @@ def export(source: str | Path, out: str | Path, *, dtype: str = "fp16",
         if o == r or o in r.parents:
             raise QloraError(f"{out}: output folder would replace its own input {p}")
 
-    files = checkpoint_files(src.model)
-    if not files:
-        raise QloraError(f"{src.model}: export needs safetensors weights (found none); "
-                         "convert the checkpoint to safetensors first")
+    base_ckpt = open_base(src, merge_into)
     deltas, scaling = read_adapter_deltas(src.adapter)
-    shards = plan_shards(files, out_dtype, max_bytes)
+    shards = plan_shards(base_ckpt.entries, out_dtype, max_bytes)
     planned = {it.name for s in shards for it in s.items}
     missing = sorted(set(deltas) - planned)
     if missing:
         raise QloraError(f"{src.adapter}: adapter module {missing[0][:-len('.weight')]} has no "
                          f"weight {missing[0]} in {src.model}" +
                          (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    q = src.quant
-    merger = Merger(out_dtype, merge_into, quantized_weight_names(src.model, q.quantization),
-                    deltas, scaling, q.quantization, q.double_quant, q.compute_dtype, device)
-    report: dict = {"max_logit_diff": None}
+    merger = make_merger(src, base_ckpt, out_dtype, merge_into, deltas, scaling, device)
+    report: dict = {"max_logit_diff": None, "base_prequantized": base_ckpt.prequantized is not None}
 
     def write(tmp: Path) -> None:
         side = copy_side_files(src.model, src.tokenizer, tmp)  # first: a bad tokenizer fails fast
         write_config(src.model, tmp, out_dtype)
-        names = write_shards(tmp, shards, merger)
+        names = write_shards(tmp, shards, base_ckpt, merger)
         report.update(files=names + ([INDEX_NAME] if len(names) > 1 else []) + ["config.json"] + side)
         if verify:
             report.update(verify_folder(src, tmp, out_dtype, device=device,
@@ -385,6 +365,7 @@ def export(source: str | Path, out: str | Path, *, dtype: str = "fp16",
         (tmp / EXPORT_INFO).write_text(json.dumps(_export_info(src, dtype, merge_into, report), indent=2) + "\n")
 
     write_atomically(out, write)
+    q = src.quant
     return {
         "out": str(out), "dtype": dtype, "merge_into": merge_into, "device": str(device),
         "base": src.model_id, "adapter": str(src.adapter),
@@ -410,19 +391,33 @@ def adapter_source(source, **overrides) -> ModelSource:
         ckpts = checkpoints(src.path)
         raise QloraError(f"{src.path}: run has no final adapter (adapter/{CONFIG_NAME} missing); "
                          f"export a checkpoint instead, e.g. {ckpts[-1]}")
-    check_16bit_base(src.model)
     return src
 
 
-def check_16bit_base(path: Path) -> None:
-    """The merge reads the base's own 16/32-bit weights. A pre-quantized 4-bit checkpoint
-    (prequantized.py: packed codes where the weights would be) trains, but cannot be merged
-    into: its codes would be copied as they are. Fails naming the fix."""
-    from .model import model_config
-    from .prequantized import prequantized_settings
-    if prequantized_settings(model_config(path), path) is not None:
-        raise QloraError(f"{path}: a pre-quantized 4-bit checkpoint; exporting (and --base for "
-                         "inspect) needs the 16-bit model it was quantized from: pass it with --base")
+def open_base(src: ModelSource, merge_into: str) -> BaseCheckpoint:
+    """The base checkpoint under `src`'s adapter, read as training saw it. A pre-quantized
+    4-bit base has no original 16-bit weights (so no `merge_into="original"`), and its
+    4-bit format must be the one the adapter was trained on."""
+    base = BaseCheckpoint(src.model, src.quant.compute_dtype)
+    pre = base.prequantized
+    if pre is None:
+        return base
+    if merge_into == "original":
+        raise QloraError(f"{src.model}: a pre-quantized {pre.quant_type} checkpoint holds no original "
+                         "16-bit weights to merge into; merge into the dequantized ones (the default, "
+                         "what training saw) or pass the 16-bit original with --base")
+    from .model import check_matches
+    check_matches(src.model, pre, src.quant.quantization, src.quant.double_quant)
+    return base
+
+
+def make_merger(src: ModelSource, base: BaseCheckpoint, out_dtype: torch.dtype, merge_into: str,
+                deltas, scaling: float, device: torch.device) -> Merger:
+    """The Merger for `src`'s adapter on `base` (export and GGUF export)."""
+    q = src.quant
+    quantized = set(base.packed) if base.prequantized else quantized_weight_names(src.model, q.quantization)
+    return Merger(out_dtype, merge_into, quantized, deltas, scaling, q.quantization, q.double_quant,
+                  q.compute_dtype, device, prequantized=base.prequantized is not None)
 
 
 def _export_info(src: ModelSource, dtype: str, merge_into: str, report: dict) -> dict:
@@ -431,6 +426,7 @@ def _export_info(src: ModelSource, dtype: str, merge_into: str, report: dict) ->
     verification = {k: report[k] for k in ("relative_error", "tolerance", "worst_layer",
                                            "max_logit_diff", "fp16_max_activation") if k in report}
     return {"base": src.model_id, "adapter": str(src.adapter), "dtype": dtype, "merge_into": merge_into,
+            "base_prequantized": report.get("base_prequantized", False),
             "quantization": src.quant.quantization, "double_quant": src.quant.double_quant,
             "compute_dtype": dtype_name(src.quant.compute_dtype), "data_format": src.data_format,
             "verification": verification or None}

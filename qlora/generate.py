@@ -94,8 +94,8 @@ def _end_of_turn_ids(tokenizer) -> list[int]:
 
 def load_resolved(src, device: str | torch.device | None = None):
     """(model, tokenizer) in eval mode for a `resolve.ModelSource`: the adapter on its base
-    quantized exactly as in training, or a full model in its own dtype, on `device`
-    (default: CUDA when available)."""
+    quantized (and offloaded, see resolve.Placement) exactly as in training, or a full model
+    in its own dtype, on `device` (default: CUDA when available)."""
     from .adapter import load_adapter
     from .model import load_model, load_tokenizer, resolve_device
     device = resolve_device(device)
@@ -104,9 +104,11 @@ def load_resolved(src, device: str | torch.device | None = None):
         # straight onto the device: a 7B fp16 model is 13.5 GB the host need not hold first
         model = AutoModelForCausalLM.from_pretrained(src.model, dtype="auto", device_map=str(device))
     else:
-        q = src.quant
+        q, p = src.quant, src.placement
         model = load_adapter(load_model(src.model, quantization=q.quantization, double_quant=q.double_quant,
-                                        compute_dtype=q.compute_dtype, device=device), src.adapter)
+                                        compute_dtype=q.compute_dtype, device=device, offload=p.offload,
+                                        offload_dir=p.offload_dir, resident_layers=p.resident_layers,
+                                        cache_dir=p.cache_dir), src.adapter)
     return model.eval(), load_tokenizer(src.tokenizer)
 
 

@@ -38,14 +38,13 @@ import torch
 
 from .atomic import write_files_atomically
 from .errors import QloraError
-from .export import MERGE_INTO, Merger, adapter_source, check_fp16_range, quantized_weight_names, \
+from .base_checkpoint import BaseCheckpoint, BaseTensor
+from .export import MERGE_INTO, Merger, adapter_source, check_fp16_range, make_merger, open_base, \
     read_adapter_deltas
 from .gguf_arch import Layout, lora_alpha_for, read_layout
 from .gguf_vocab import read_vocab
 from .ollama import match_chat_template, modelfile_text
-from .dtypes import SAFETENSORS
 from .model import resolve_device
-from .safetensors_io import checkpoint_files, read_header, read_tensor
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +65,6 @@ class Planned:
     shape: tuple[int, ...]  # Hugging Face (PyTorch) shape
     qtype: gguf.GGMLQuantizationType
     file: Path | None = None  # source safetensors file (None: generated, e.g. rope_freqs)
-    entry: dict | None = None  # its header entry
-    data_start: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -75,26 +72,22 @@ class Planned:
         return math.prod(self.shape) // block * size
 
 
-def plan_model(files: list[Path], layout: Layout, qtype) -> list[Planned]:
-    """Every checkpoint tensor, in on-disk order, with its GGUF name and type. Fails before
+def plan_model(entries: list[BaseTensor], layout: Layout, qtype) -> list[Planned]:
+    """Every base tensor, in on-disk order, with its GGUF name and type. Fails before
     anything is written on a tensor GGUF cannot take (unknown name, q8_0 width)."""
     plan: list[Planned] = []
-    for path in files:
-        header, data_start = read_header(path)
-        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            target = layout.gguf_name(name)
-            if target is None:
-                continue
-            dtype = SAFETENSORS.get(entry["dtype"])
-            if dtype is None or not dtype.is_floating_point:
-                raise QloraError(f"{path}: tensor {name} has dtype {entry['dtype']}; GGUF export "
-                                 "expects floating-point weights")
-            shape = tuple(entry["shape"])
-            t = Q.F32 if len(shape) == 1 else qtype
-            if t == Q.Q8_0 and shape[-1] % Q8_BLOCK:
-                raise QloraError(f"{path}: tensor {name} has rows of {shape[-1]} values, not a multiple "
-                                 f"of {Q8_BLOCK} (a q8_0 block); export with --dtype f16 or bf16")
-            plan.append(Planned(name, target, shape, t, path, entry, data_start))
+    for t in entries:
+        target = layout.gguf_name(t.name)
+        if target is None:
+            continue
+        if not t.dtype.is_floating_point:
+            raise QloraError(f"{t.file}: tensor {t.name} has dtype {t.dtype}; GGUF export "
+                             "expects floating-point weights")
+        qt = Q.F32 if len(t.shape) == 1 else qtype
+        if qt == Q.Q8_0 and t.shape[-1] % Q8_BLOCK:
+            raise QloraError(f"{t.file}: tensor {t.name} has rows of {t.shape[-1]} values, not a multiple "
+                             f"of {Q8_BLOCK} (a q8_0 block); export with --dtype f16 or bf16")
+        plan.append(Planned(t.name, target, t.shape, qt, t.file))
     plan += [Planned(name, name, tuple(t.shape), Q.F32) for name, t in layout.extra_tensors().items()]
     return plan
 
@@ -195,13 +188,11 @@ def _write(w: gguf.GGUFWriter, plan: list[Planned], produce) -> None:
     w.close()
 
 
-def _read_source(p: Planned, layout: Layout, merger: Merger) -> torch.Tensor:
+def _read_source(p: Planned, layout: Layout, base: BaseCheckpoint, merger: Merger) -> torch.Tensor:
     """The exported value of one planned tensor in Hugging Face layout."""
     if p.file is None:
         return layout.extra_tensors()[p.hf_name]
-    with open(p.file, "rb") as f:
-        w = read_tensor(f, p.entry, p.data_start, p.file, p.hf_name)
-    return merger(p.hf_name, w)
+    return merger(p.hf_name, base(p.hf_name, merger.device))
 
 
 def _check_outputs(paths: list[Path], force: bool) -> None:
@@ -247,10 +238,8 @@ def export_gguf(source: str | Path, out: str | Path, *, dtype: str = "f16",
     src = adapter_source(source, base=base, quantization=quantization,
                          double_quant=double_quant, compute_dtype=compute_dtype)
     layout = read_layout(src.model)
-    files = checkpoint_files(src.model)
-    if not files:
-        raise QloraError(f"{src.model}: export needs safetensors weights (found none)")
-    plan = plan_model(files, layout, qtype)
+    base_ckpt = open_base(src, merge_into)
+    plan = plan_model(base_ckpt.entries, layout, qtype)
     deltas, scaling = ({}, 0.0) if base_only else read_adapter_deltas(src.adapter)
     planned = {p.hf_name for p in plan}
     missing = sorted(set(deltas) - planned)
@@ -264,9 +253,7 @@ def export_gguf(source: str | Path, out: str | Path, *, dtype: str = "f16",
     modelfile = modelfile_text(out, modelfile_path(out), chat, stops, what)
 
     out_dtype = TORCH_OF.get(qtype, torch.float32)  # q8_0 quantizes from the fp32 merge
-    q = src.quant
-    merger = Merger(out_dtype, merge_into, quantized_weight_names(src.model, q.quantization),
-                    deltas, scaling, q.quantization, q.double_quant, q.compute_dtype, device)
+    merger = make_merger(src, base_ckpt, out_dtype, merge_into, deltas, scaling, device)
     report: dict = {}
 
     def write(tmp: Path) -> None:
@@ -276,12 +263,12 @@ def export_gguf(source: str | Path, out: str | Path, *, dtype: str = "f16",
         w.add_file_type(FILE_TYPES[qtype])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab.add_to(w)
-        _write(w, plan, lambda p: layout.to_gguf(p.hf_name, _read_source(p, layout, merger)))
+        _write(w, plan, lambda p: layout.to_gguf(p.hf_name, _read_source(p, layout, base_ckpt, merger)))
         log.info("wrote %d tensors (%.1f MB)%s", len(plan), tmp.stat().st_size / 1e6,
                  "; verifying" if verify else "")
         if verify:
             fresh = dataclasses.replace(merger, merged=0, dequantized=0)
-            report.update(verify_model(tmp, plan, layout, fresh))
+            report.update(verify_model(tmp, plan, layout, base_ckpt, fresh))
 
     write_files_atomically({out: write, modelfile_path(out): lambda t: t.write_text(modelfile)})
     return {"out": str(out), "modelfile": str(modelfile_path(out)), "format": "gguf",
@@ -293,7 +280,8 @@ def export_gguf(source: str | Path, out: str | Path, *, dtype: str = "f16",
             "verified": verify, **report, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def verify_model(path: Path, plan: list[Planned], layout: Layout, merger: Merger) -> dict:
+def verify_model(path: Path, plan: list[Planned], layout: Layout, base: BaseCheckpoint,
+                 merger: Merger) -> dict:
     """Every tensor of the written GGUF, read back and returned to Hugging Face layout,
     against a fresh merge of its checkpoint tensor (see `compare`)."""
     back = GGUFTensors(path, layout, {p.hf_name: p.name for p in plan})
@@ -304,7 +292,7 @@ def verify_model(path: Path, plan: list[Planned], layout: Layout, merger: Merger
         if back.info[p.name].tensor_type != p.qtype:
             raise QloraError(f"verification failed: {p.name} reads back as "
                              f"{back.info[p.name].tensor_type.name}, planned {p.qtype.name}")
-        worst = max(worst, compare(p.hf_name, back.get(p.hf_name), _read_source(p, layout, merger), p.qtype))
+        worst = max(worst, compare(p.hf_name, back.get(p.hf_name), _read_source(p, layout, base, merger), p.qtype))
     return {"verified_tensors": len(plan), "max_abs_diff": worst}
 
 

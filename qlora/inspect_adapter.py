@@ -31,11 +31,11 @@ from .atomic import write_atomically
 from .checkpoint import latest_checkpoint
 from .errors import QloraError
 from .adapter import Delta
-from .export import _check_out, check_16bit_base, quantized_weight_names, read_adapter_deltas
+from .base_checkpoint import BaseCheckpoint
+from .export import _check_out, open_base, quantized_weight_names, read_adapter_deltas
 from .resolve import ModelSource, locate_adapter, resolve
 from .rank_analysis import (delta_singular_values, effective_rank, frobenius_norm,
                             subspace_similarity, threshold_rank)
-from .safetensors_io import checkpoint_files, read_header, read_tensor, tensor_names
 
 BASE_WEIGHTS = ("dequantized", "original")
 
@@ -146,52 +146,46 @@ def base_norms(adapters: list[tuple[Adapter, list[str]]], base: str,
         settings = (q.quantization, q.double_quant, q.compute_dtype)
         return (src.model.resolve(), *(settings if base_weights == "dequantized" else ()))
 
-    for (a, modules), src in zip(adapters, srcs):  # every mismatch before reading any weight
-        check_16bit_base(src.model)
-        check_base_shapes(a, modules, src.model)
+    bases = [open_base(src, base_weights) for src in srcs]
+    for (a, modules), b in zip(adapters, bases):  # every mismatch before reading any weight
+        check_base_shapes(a, modules, b)
     done: dict[tuple, dict[str, float]] = {}
-    for src in srcs:
+    for src, b in zip(srcs, bases):
         if view(src) not in done:
             need = {m for (_, ms), s in zip(adapters, srcs) if view(s) == view(src) for m in ms}
-            done[view(src)] = weight_norms(src, need, base_weights)
+            done[view(src)] = weight_norms(src, b, need, base_weights)
     return [{m: done[view(src)][m] for m in modules} for (_, modules), src in zip(adapters, srcs)]
 
 
-def check_base_shapes(adapter: Adapter, modules: list[str], base: Path) -> None:
-    """Every module has a weight of shape (out, in) in `base` (safetensors headers only)."""
-    files = checkpoint_files(base)
-    if not files:
-        raise QloraError(f"{base}: needs safetensors weights (found none)")
-    shapes = {name: (path, entry["shape"]) for path in files for name, entry in read_header(path)[0].items()}
+def check_base_shapes(adapter: Adapter, modules: list[str], base: BaseCheckpoint) -> None:
+    """Every module has a weight of shape (out, in) in `base` (headers only)."""
+    shapes = {t.name: t for t in base.entries}
     for module in modules:
-        d, name = adapter.deltas[module], module + ".weight"
+        name = module + ".weight"
         if name not in shapes:
-            raise QloraError(f"{adapter.folder}: module {module} has no weight {name} in {base}")
-        path, shape = shapes[name]
-        if list(shape) != [d.B.shape[0], d.A.shape[1]]:
-            raise QloraError(f"{path}: {name} has shape {tuple(shape)}; {adapter.folder}'s {module} "
+            raise QloraError(f"{adapter.folder}: module {module} has no weight {name} in {base.folder}")
+        d, t = adapter.deltas[module], shapes[name]
+        if list(t.shape) != [d.B.shape[0], d.A.shape[1]]:
+            raise QloraError(f"{t.file}: {name} has shape {tuple(t.shape)}; {adapter.folder}'s {module} "
                              f"is {d.B.shape[0]}x{d.A.shape[1]} (another base model?)")
 
 
-def weight_norms(src: ModelSource, modules: set[str], base_weights: str) -> dict[str, float]:
+def weight_norms(src: ModelSource, base: BaseCheckpoint, modules: set[str], base_weights: str) -> dict[str, float]:
     from . import quant
     q = src.quant
-    where = tensor_names(checkpoint_files(src.model))
-    quantized = quantized_weight_names(src.model, q.quantization) if base_weights == "dequantized" else set()
-    by_file: dict[Path, list[str]] = {}
-    for module in modules:
-        by_file.setdefault(where[module + ".weight"], []).append(module + ".weight")
+    dequantized = base_weights == "dequantized"
+    quantized = set() if base.prequantized or not dequantized else \
+        quantized_weight_names(src.model, q.quantization)
+    order = {t.name: i for i, t in enumerate(base.entries)}
     norms = {}
-    for path, names in by_file.items():
-        header, data_start = read_header(path)
-        with open(path, "rb") as f:
-            for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):  # on-disk order
-                w = read_tensor(f, header[name], data_start, path, name)  # (out, in)
-                if base_weights == "dequantized":
-                    w = (quant.nf4_roundtrip(w, q.quantization, q.double_quant, q.compute_dtype)
-                         if name in quantized else w.to(q.compute_dtype))
-                norms[name.removesuffix(".weight")] = frobenius_norm(w)
-                del w  # one weight at a time
+    for name in sorted((m + ".weight" for m in modules), key=order.__getitem__):  # on-disk order
+        w = base(name)  # (out, in); a pre-quantized base's linears come dequantized
+        if name in quantized:
+            w = quant.nf4_roundtrip(w, q.quantization, q.double_quant, q.compute_dtype)
+        elif dequantized:
+            w = w.to(q.compute_dtype)
+        norms[name.removesuffix(".weight")] = frobenius_norm(w)
+        del w  # one weight at a time
     return norms
 
 

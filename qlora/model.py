@@ -143,7 +143,7 @@ def load_model(name_or_path: str | Path, *, quantization: str = "nf4", double_qu
 
     source, pre, cache = path, prequantized_settings(config, path), None
     if pre is not None:
-        _check_matches(path, pre, quantization, double_quant)
+        check_matches(path, pre, quantization, double_quant)
     elif cache_dir and quantization != "none":
         wanted = Prequantized(quantization, double_quant)
         stamp = source_stamp(path, wanted, dtype_name(dtype))
@@ -227,7 +227,7 @@ def _read_config(path: Path):
         raise QloraError(f"{path / 'config.json'}: cannot read model config ({str(e).splitlines()[0]})") from None
 
 
-def _check_matches(path: Path, pre: Prequantized, quantization: str, double_quant: bool) -> None:
+def check_matches(path: Path, pre: Prequantized, quantization: str, double_quant: bool) -> None:
     """A pre-quantized checkpoint fixes the 4-bit format; asking for another is an error."""
     if quantization == "none":
         raise QloraError(f"{path}: the checkpoint is already {pre.quant_type} 4-bit; it cannot be "

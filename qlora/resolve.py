@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import quant
-from .adapter import CONFIG_NAME, read_adapter_config
+from .adapter import CONFIG_NAME, check_adapter_weights, read_adapter_config
 from .checkpoint import PATTERN as CHECKPOINT_PATTERN
 from .dtypes import dtype_named
 from .errors import QloraError
 from .hub import local_model_dir, looks_like_hub_id, model_id
+from .base_checkpoint import prequantized_in
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,21 @@ class QuantSettings:
     """Whether the 4-bit blocks' scales were themselves quantized."""
     compute_dtype: torch.dtype = torch.bfloat16
     """Dtype the 4-bit weights were dequantized to, and of every other base weight."""
+
+
+@dataclass
+class Placement:
+    """Where the frozen base lives while the model runs, as the run's recipe placed it in
+    training (model.offload, resident_layers, offload_dir, cache_dir): a 65B base streamed
+    from disk in training has to be streamed in generation and evaluation too."""
+    offload: str = "none"
+    """none, cpu or disk (see offload.py)."""
+    resident_layers: int | str = "auto"
+    """Decoder layers kept on the device when offloading."""
+    offload_dir: Path | None = None
+    """Scratch folder of the disk home: the run's (RUN/offload unless the recipe names one)."""
+    cache_dir: Path | None = None
+    """Where the pre-quantized copy of a 16-bit base is kept."""
 
 
 @dataclass
@@ -66,9 +82,12 @@ class ModelSource:
     """The training data's format (alpaca, messages, text, ...), when known: prompts are
     rendered the same way."""
     settings_from: str
-    """Where `quant` came from: "recipe", "default", "arguments", "recipe+arguments"."""
+    """Where `quant` came from: "recipe", "default", "checkpoint" (a pre-quantized base's own
+    format), "arguments", or one of the first three "+arguments"."""
     final: bool = True
     """False when a run without its final adapter resolved to its latest checkpoint."""
+    placement: Placement = field(default_factory=Placement)
+    """Where the base lived in training (a run's recipe; defaults otherwise)."""
 
 
 def resolve(source: str | Path, *, base: str | Path | None = None, quantization: str | None = None,
@@ -89,6 +108,7 @@ def resolve(source: str | Path, *, base: str | Path | None = None, quantization:
     kind, adapter, recipe_file, final = found.kind, found.adapter, found.recipe, found.final
 
     _, cfg = read_adapter_config(adapter)
+    check_adapter_weights(adapter)  # before any base is read: a damaged adapter is one line
     recipe = None
     if recipe_file is not None:
         from .config import load_recipe
@@ -99,11 +119,12 @@ def resolve(source: str | Path, *, base: str | Path | None = None, quantization:
                          "pass the base model (--base)")
     base_path = local_model_dir(base_name)
     own_tokenizer = recipe is not None and recipe.model.tokenizer != recipe.model.name_or_path
-    q, origin = _quant_settings(recipe, quantization, double_quant, compute_dtype)
+    q, origin = _quant_settings(recipe, quantization, double_quant, compute_dtype, prequantized_in(base_path))
     return ModelSource(
         path=path, kind=kind, model=base_path, model_id=model_id(base_name), adapter=adapter,
         quant=q, tokenizer=recipe.model.tokenizer if own_tokenizer else str(base_path),
-        data_format=_data_format(recipe), settings_from=origin, final=final)
+        data_format=_data_format(recipe), settings_from=origin, final=final,
+        placement=_placement(recipe, recipe_file))
 
 
 @dataclass
@@ -164,18 +185,32 @@ def _full_model(source: str | Path, base) -> ModelSource:
                        settings_from="model")
 
 
-def _quant_settings(recipe, quantization, double_quant, compute_dtype) -> tuple[QuantSettings, str]:
+def _quant_settings(recipe, quantization, double_quant, compute_dtype, pre) -> tuple[QuantSettings, str]:
+    """From the arguments, else the recipe, else the pre-quantized base's own format (`pre`),
+    else training's defaults."""
     m = recipe.model if recipe is not None else None
+    fallback = QuantSettings() if pre is None else QuantSettings(pre.quant_type, pre.double_quant)
     q = QuantSettings(
-        quantization=quantization or (m.quantization if m else "nf4"),
-        double_quant=bool(double_quant if double_quant is not None else (m.double_quant if m else True)),
+        quantization=quantization or (m.quantization if m else fallback.quantization),
+        double_quant=bool(double_quant if double_quant is not None
+                          else (m.double_quant if m else fallback.double_quant)),
         compute_dtype=dtype_named(compute_dtype or (m.compute_dtype if m else "bfloat16"), "compute_dtype"))
     if q.quantization not in (*quant.QUANT_TYPES, "none"):
         raise QloraError(f"quantization: expected nf4, fp4 or none, got {q.quantization!r}")
     given = (quantization, double_quant, compute_dtype)
     if all(v is not None for v in given):
         return q, "arguments"
-    return q, ("recipe" if m else "default") + ("+arguments" if any(v is not None for v in given) else "")
+    default = "default" if pre is None else "checkpoint"
+    return q, ("recipe" if m else default) + ("+arguments" if any(v is not None for v in given) else "")
+
+
+def _placement(recipe, recipe_file: Path | None) -> Placement:
+    if recipe is None:
+        return Placement()
+    m = recipe.model
+    return Placement(offload=m.offload, resident_layers=m.resident_layers,
+                     offload_dir=Path(m.offload_dir) if m.offload_dir else recipe_file.parent / "offload",
+                     cache_dir=Path(m.cache_dir) if m.cache_dir else None)
 
 
 def _data_format(recipe) -> str | None:

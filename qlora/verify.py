@@ -48,6 +48,7 @@ from torch.nn.utils import parametrize
 
 from . import quant
 from .adapter import AdapterFactors, factor_dtype, read_adapter_config
+from .base_checkpoint import BaseCheckpoint
 from .dtypes import dtype_name
 from .errors import QloraError
 from .lora import LoRALinear, add_lora, lora_layers
@@ -87,7 +88,7 @@ def verify_export(src, exported: Callable[[str], torch.Tensor], out_dtype: torch
     t0 = time.perf_counter()
     device = resolve_device(device)
     q = src.quant
-    base = TensorReader(checkpoint_files(src.model))
+    base = BaseCheckpoint(src.model, q.compute_dtype)
     factors = AdapterFactors(src.adapter)
     settings, _ = read_adapter_config(src.adapter)
     # Reference: the 4-bit skeleton plus LoRA as the adapter describes it. Exported: the same
@@ -111,7 +112,11 @@ def verify_export(src, exported: Callable[[str], torch.Tensor], out_dtype: torch
 
     def place_ref(names):
         for name in names:
-            place_tensor(ref, ref_name(name), base(name), quantized, q.compute_dtype, device)
+            if name in base.packed:  # a pre-quantized base: its own codes, as training loaded them
+                module = ref.get_submodule(ref_name(name).removesuffix(".weight"))
+                quant.set_packed_weight(module, *base.packed_weight(name, device))
+            else:
+                place_tensor(ref, ref_name(name), base(name), quantized, q.compute_dtype, device)
         _upcast_reference(ref)
 
     def place_exp(names):

@@ -341,24 +341,67 @@ def test_bad_sources_and_options(stories_adapter, tmp_path):
     assert math.isclose(parse_size(1234), 1234)
 
 
-def test_a_prequantized_base_is_refused_and_its_16bit_original_exports(stories_adapter, tmp_path):
-    """An adapter trained on a pre-quantized 4-bit checkpoint (model.cache_dir's copy, or a
-    `*-bnb-4bit` repository): its packed codes are no weights to merge into. Export and GGUF
-    export fail naming the fix; with --base the 16-bit original, the export verifies (its
-    4-bit round trip gives exactly the pre-quantized codes)."""
+def on_base(adapter: Path, base: Path, out: Path) -> Path:
+    """A copy of `adapter` that names `base` as its base model."""
+    shutil.copytree(adapter, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path": str(base)}))
+    return out
+
+
+def test_a_prequantized_base_exports_into_its_dequantized_weights(stories_adapter, exported, tmp_path):
+    """An adapter on a pre-quantized 4-bit checkpoint (here model.cache_dir's copy): the
+    original 16-bit weights do not exist, so export merges into the dequantized ones, which
+    are bitwise what exporting from the 16-bit source re-quantizes to: the exports are equal
+    bit for bit, safetensors and GGUF alike. merge_into original says why it cannot be."""
+    import gguf
     from qlora.gguf_export import export_gguf
     base, adapter = stories_adapter
     load_model(base, device="cpu", cache_dir=tmp_path / "cache")
     (prequantized,) = (tmp_path / "cache").iterdir()
-    on_4bit = tmp_path / "adapter"
-    shutil.copytree(adapter, on_4bit)
-    cfg = json.loads((on_4bit / "adapter_config.json").read_text())
-    (on_4bit / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path": str(prequantized)}))
-    for fn, out in ((export, tmp_path / "out"), (export_gguf, tmp_path / "out.gguf")):
-        with pytest.raises(QloraError, match=r"pre-quantized 4-bit checkpoint.*16-bit model.*--base"):
-            fn(on_4bit, out)
+    on_4bit = on_base(adapter, prequantized, tmp_path / "adapter")
+
+    report = export(on_4bit, tmp_path / "out")
+    assert report["base_prequantized"] and report["verified"]
+    assert report["tensors_dequantized"] == exported[1]["tensors_dequantized"] > 0
+    want, got = exported_tensors(exported[0]), exported_tensors(tmp_path / "out")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert json.loads((tmp_path / "out" / "qlora_export.json").read_text())["base_prequantized"]
+
+    export_gguf(adapter, tmp_path / "a.gguf")
+    export_gguf(on_4bit, tmp_path / "b.gguf")
+    a, b = ({t.name: t.data for t in gguf.GGUFReader(tmp_path / f).tensors} for f in ("a.gguf", "b.gguf"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # tensor order may differ
+
+    for fn, out in ((export, tmp_path / "o2"), (export_gguf, tmp_path / "o2.gguf")):
+        with pytest.raises(QloraError, match=r"pre-quantized nf4 checkpoint holds no original 16-bit "
+                                             r"weights.*dequantized.*--base"):
+            fn(on_4bit, out, merge_into="original")
         assert not out.exists()
-    assert export(on_4bit, tmp_path / "out", base=base)["verified"]
+    assert export(on_4bit, tmp_path / "o3", base=base, merge_into="original")["verified"] is False
+
+
+def test_a_bnb_4bit_checkpoint_of_realistic_width_exports_like_its_source(tmp_path):
+    """The `*-bnb-4bit` form users download (transformers + BitsAndBytesConfig
+    `save_pretrained`), 512 x 1376 MLP weights, no double quantization: a bare adapter takes
+    the checkpoint's own 4-bit format, and the export equals the 16-bit source's bitwise."""
+    from transformers import BitsAndBytesConfig
+    src = write_tiny_model(tmp_path / "m", vocab_size=512, hidden_size=512, intermediate_size=1376,
+                           num_attention_heads=8, num_key_value_heads=2, dtype=torch.bfloat16)
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.bfloat16,
+                                         device_map="cpu").save_pretrained(tmp_path / "bnb")
+    adapter = make_adapter(src, tmp_path / "a16")
+    on_4bit = on_base(adapter, tmp_path / "bnb", tmp_path / "a4")
+    want = export(adapter, tmp_path / "from16", double_quant=False)
+    got = export(on_4bit, tmp_path / "from4")
+    assert got["double_quant"] is False and got["quantization_settings_from"] == "checkpoint"
+    assert got["verified"] and got["tensors_merged"] == want["tensors_merged"] == 14
+    a, b = exported_tensors(tmp_path / "from16"), exported_tensors(tmp_path / "from4")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(QloraError, match="double_quant: true, but .* was quantized with double_quant false"):
+        export(on_4bit, tmp_path / "bad", double_quant=True)
 
 
 # --------------------------------------------------------------------------- kill safety

@@ -81,6 +81,26 @@ def test_generation_with_offload_equals_resident(stories, tmp_path):
     assert model.qlora_streamer.stats.fetches >= 12 * 3
 
 
+def test_generate_and_eval_of_an_offloaded_run_stream_its_base(stories, alpaca_slice, tmp_path):
+    """`qlora generate`/`eval` of a run trained with model.offload disk place its base the same
+    way (a 65B base that had to stream in training has to stream there too), through the
+    run's offload folder, with the resident model's text."""
+    from qlora.adapter import load_adapter
+    from qlora.generate import load_resolved
+    from qlora.resolve import resolve
+    recipe = make_recipe(stories, alpaca_slice, tmp_path / "run", max_steps=2)
+    recipe.model.offload, recipe.model.resident_layers = "disk", 1
+    train(recipe)
+    src = resolve(tmp_path / "run")
+    assert (src.placement.offload, src.placement.resident_layers) == ("disk", 1)
+    model, tok = load_resolved(src, "cpu")
+    assert model.qlora_streamer.home.path.parent == tmp_path / "run" / "offload"
+    resident = load_adapter(load_model(stories, device="cpu"), src.adapter).eval()
+    want = generate(resident, tok, "Once upon a time", max_new_tokens=12)
+    assert generate(model, tok, "Once upon a time", max_new_tokens=12) == want
+    assert model.qlora_streamer.stats.fetches >= 12 * 4
+
+
 def test_streamed_layers_hold_no_codes_between_uses(stories, tmp_path):
     model = load_model(stories, device="cpu", offload="disk", offload_dir=tmp_path, resident_layers=2)
     layers = model.model.layers
