@@ -119,8 +119,19 @@ def _resolved(args):
     return src, model, tokenizer
 
 
+def _check_numbers(args, rules: dict[str, tuple]) -> None:
+    """Numeric flags, before anything is loaded: {flag: (test, what it must be)}."""
+    for flag, (ok, must) in rules.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if not ok(value):
+            raise QloraError(f"{flag}: must be {must}, got {value}")
+
+
 def _generate(args) -> None:
     from .generate import generate, prompt_style
+    _check_numbers(args, {"--max-new-tokens": (lambda v: v >= 1, "at least 1"),
+                          "--temperature": (lambda v: v >= 0, ">= 0 (0 is greedy)"),
+                          "--top-p": (lambda v: 0 < v <= 1, "in (0, 1]")})
     src, model, tokenizer = _resolved(args)
     style = "raw" if args.raw else "chat" if args.chat else prompt_style(src.data_format, tokenizer)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, style=style)
@@ -138,6 +149,12 @@ def _generate(args) -> None:
 
 def _eval(args) -> None:
     from .evaluate import evaluate_model
+    _check_numbers(args, {"--max-seq-len": (lambda v: v >= 2, "at least 2"),
+                          "--batch-size": (lambda v: v >= 1, "at least 1")})
+    from .model import resolve_device
+    resolve_device(args.device)  # the flags first, then the files
+    if not Path(args.data).exists() and not looks_like_hub_id(args.data):
+        raise QloraError(f"--data: path not found: {args.data}")
     _, model, tokenizer = _resolved(args)
     r = evaluate_model(model, tokenizer, args.data, format=args.format, max_seq_len=args.max_seq_len,
                        batch_size=args.batch_size)

@@ -46,6 +46,9 @@ def plan_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> RunDirPlan:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise QloraError(f"train.output_dir: {run_dir} is a file, not a folder")
+    above = next((p for p in run_dir.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise QloraError(f"train.output_dir: {run_dir} lies under {above}, which is a file")
     busy = run_dir.is_dir() and any(run_dir.iterdir())
     if not busy:
         if resume:

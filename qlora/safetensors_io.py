@@ -13,6 +13,7 @@ then the raw little-endian data; offsets are relative to the end of the header.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +34,9 @@ def read_header(path: Path) -> tuple[dict, int]:
         if len(raw) != 8:
             raise QloraError(f"{path}: not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", raw)
+        size = os.fstat(f.fileno()).st_size
+        if n > size - 8:  # a garbage length would otherwise be allocated
+            raise QloraError(f"{path}: not a safetensors file (header of {n:,} bytes in a file of {size:,})")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

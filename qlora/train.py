@@ -35,6 +35,7 @@ from .model import (decoder_layers, enable_gradient_checkpointing, load_model, m
                     load_tokenizer, matmul_layers_within)
 from .memory import release_if_grown, release_memory_per_layer
 from .optim import LossScaler, build_optimizer, build_scheduler
+from .processes import main_first
 from .run_dir import plan_run_dir
 from .run_dir import prepare as prepare_run_dir
 from .plan import check_fits
@@ -83,13 +84,13 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, force: 
     t0 = time.perf_counter()
     # The main process tokenizes into the datasets cache first; the others then read it
     # instead of all writing the same cache files at once.
-    with acc.main_process_first():
-        train_ds, eval_ds, stats = build_datasets(
-            r.data.path, tokenizer, format=r.data.format, eval_path=r.data.eval_path,
-            eval_ratio=r.data.eval_ratio, max_seq_len=r.data.max_seq_len,
-            train_on_inputs=r.data.train_on_inputs, packing=r.data.packing,
-            skip_malformed=r.data.skip_malformed, seed=t.seed, split=r.data.split,
-            config_name=r.data.config_name)
+    # A bad row stops every process with the same line (processes.py).
+    train_ds, eval_ds, stats = main_first(acc, lambda: build_datasets(
+        r.data.path, tokenizer, format=r.data.format, eval_path=r.data.eval_path,
+        eval_ratio=r.data.eval_ratio, max_seq_len=r.data.max_seq_len,
+        train_on_inputs=r.data.train_on_inputs, packing=r.data.packing,
+        skip_malformed=r.data.skip_malformed, seed=t.seed, split=r.data.split,
+        config_name=r.data.config_name))
     if len(train_ds) == 0:
         raise QloraError(f"{r.data.path}: no training example left after tokenization")
     # The run records the format 'auto' found, so that prompts are later rendered like its data.

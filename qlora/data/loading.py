@@ -52,11 +52,15 @@ def _load_local(files: list[Path], label: str, split: str, cache_dir: str | None
             raise QloraError(f"{f}: data file is empty")
         if f.suffix.lower() != ".parquet":
             _check_utf8(f)
+    builder = builders.pop()
     try:
-        ds = datasets.load_dataset(
-            builders.pop(), data_files=[str(f) for f in files], split=split, cache_dir=cache_dir
-        )
+        with _datasets_silent():  # it logs its own parse errors; ours below names the line
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split=split,
+                                       cache_dir=cache_dir)
     except Exception as err:  # datasets/pyarrow raise many types; the user needs one line
+        if builder == "json":
+            for f in files:
+                _check_json(f)
         raise QloraError(f"{label}: cannot read data: {_one_line(err)}") from err
     if len(ds) == 0:
         raise QloraError(f"{label}: data file is empty (no rows)")
@@ -93,6 +97,50 @@ def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             raise QloraError(f"{path}: not UTF-8 text (it ends inside a multi-byte character)") from None
+
+
+class _datasets_silent:
+    """Within the block, `datasets` logs nothing below CRITICAL."""
+
+    def __enter__(self):
+        import logging
+        self.logger = logging.getLogger("datasets")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def _check_json(path: Path) -> None:
+    """After pyarrow failed to read `path`: the line that is not valid JSON, named. A file
+    that starts with `[` (or is one object) is one JSON document; otherwise JSON Lines."""
+    import json
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip()
+    if head.startswith("["):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise QloraError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if n == 1 and head.startswith("{"):  # perhaps one object over many lines
+                    try:
+                        json.loads(path.read_text(encoding="utf-8"))
+                        return
+                    except json.JSONDecodeError:
+                        pass
+                raise QloraError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise QloraError(f"{path}: line {n} is a JSON {type(row).__name__}, not an object "
+                                 "(one example per line: {\"field\": value, ...})")
 
 
 def _is_blank(path: Path) -> bool:
