@@ -107,6 +107,9 @@ def _export_gguf(args) -> None:
 def _resolved(args):
     """The model source of `args.model`, loaded on `args.device`; says when a run without
     its final adapter falls back to its latest checkpoint."""
+    if args.model is None:
+        raise QloraError(f"{args.command} needs MODEL (a run, checkpoint, adapter or model folder) "
+                         "or --adapter NAME=PATH")
     from .generate import load_resolved
     from .model import resolve_device
     from .resolve import resolve
@@ -132,19 +135,57 @@ def _generate(args) -> None:
     _check_numbers(args, {"--max-new-tokens": (lambda v: v >= 1, "at least 1"),
                           "--temperature": (lambda v: v >= 0, ">= 0 (0 is greedy)"),
                           "--top-p": (lambda v: 0 < v <= 1, "in (0, 1]")})
-    src, model, tokenizer = _resolved(args)
-    style = "raw" if args.raw else "chat" if args.chat else prompt_style(src.data_format, tokenizer)
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, style=style)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+
+    def style_of(src, tokenizer):
+        return "raw" if args.raw else "chat" if args.chat else prompt_style(src.data_format, tokenizer)
+
+    if args.adapter:  # one base, each prompt answered by every adapter in turn
+        adapters = _adapter_set(args)
+        answer = lambda prompt: [_answer_with(adapters, name, prompt, style_of, kw)  # noqa: E731
+                                 for name in adapters.sources]
+        what = f"{len(adapters.sources)} adapters on one base"
+    else:
+        src, model, tokenizer = _resolved(args)
+        style = style_of(src, tokenizer)
+        answer = lambda prompt: (generate(model, tokenizer, prompt, stream=True, style=style, **kw),  # noqa: E731
+                                 print())
+        what = f"{style} rendering"
     if args.prompt is not None:
-        generate(model, tokenizer, args.prompt, stream=True, **kw)
-        print()
+        answer(args.prompt)
         return
-    print(f"one prompt per line ({style} rendering); empty line or Ctrl-D to quit", file=sys.stderr)
+    print(f"one prompt per line ({what}); empty line or Ctrl-D to quit", file=sys.stderr)
     for line in sys.stdin:
         if not line.strip():
             break
-        generate(model, tokenizer, line.strip(), stream=True, **kw)
-        print()
+        answer(line.strip())
+
+
+def _adapter_set(args):
+    """--adapter NAME=PATH ...: the set, on the base MODEL names (when given, it must be theirs)."""
+    from .adapter_set import AdapterSet, parse_adapter_flags
+    from .model import resolve_device
+    from .resolve import resolve
+    resolve_device(args.device)
+    named = parse_adapter_flags(args.adapter)
+    if args.model is not None:
+        src = resolve(args.model, base=args.base)
+        if src.adapter is not None:
+            raise QloraError(f"{args.model}: with --adapter, MODEL is the base model the adapters "
+                             "share (or leave it out); give this adapter as --adapter NAME=PATH")
+        expect = src.model
+    else:
+        expect = None
+    return AdapterSet.load(named, base=args.base, expect_base=expect, device=args.device)
+
+
+def _answer_with(adapters, name, prompt, style_of, kw) -> None:
+    from .generate import generate
+    model = adapters.use(name)
+    print(f"[{name}] ", end="", flush=True)
+    generate(model, adapters.tokenizer, prompt, stream=True,
+             style=style_of(adapters.sources[name], adapters.tokenizer), **kw)
+    print()
 
 
 def _eval(args) -> None:
@@ -155,11 +196,20 @@ def _eval(args) -> None:
     resolve_device(args.device)  # the flags first, then the files
     if not Path(args.data).exists() and not looks_like_hub_id(args.data):
         raise QloraError(f"--data: path not found: {args.data}")
+    kw = dict(format=args.format, max_seq_len=args.max_seq_len, batch_size=args.batch_size)
+    if args.adapter:
+        adapters = _adapter_set(args)
+        for name in adapters.sources:
+            r = evaluate_model(adapters.use(name), adapters.tokenizer, args.data, **kw)
+            print(f"{name}: {_eval_line(args.data, r)}")
+        return
     _, model, tokenizer = _resolved(args)
-    r = evaluate_model(model, tokenizer, args.data, format=args.format, max_seq_len=args.max_seq_len,
-                       batch_size=args.batch_size)
-    print(f"{args.data}: loss {r['loss']:.4f}, perplexity {r['ppl']:.3f} over {r['tokens']} tokens "
-          f"in {r['examples']} examples")
+    print(_eval_line(args.data, evaluate_model(model, tokenizer, args.data, **kw)))
+
+
+def _eval_line(data, r) -> str:
+    return (f"{data}: loss {r['loss']:.4f}, perplexity {r['ppl']:.3f} over {r['tokens']} tokens "
+            f"in {r['examples']} examples")
 
 
 def _inspect(args) -> None:
@@ -261,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prompts are rendered as the run's training data was: the Alpaca template "
                                    "for Alpaca runs, the chat template for chat runs, as-is for text; a model "
                                    "of unknown training gets the chat template when its tokenizer has one.")
-    g.add_argument("model", help="run, checkpoint, adapter or model folder (a run without its final "
-                                 "adapter uses its latest checkpoint)")
+    g.add_argument("model", nargs="?", help="run, checkpoint, adapter or model folder (a run without its "
+                                            "final adapter uses its latest checkpoint); with --adapter, "
+                                            "the base they share (optional)")
     g.add_argument("--prompt", help="prompt text; without it, prompts are read from stdin, one per line")
     style = g.add_mutually_exclusive_group()
     style.add_argument("--chat", action="store_true", help="render prompts through the chat template")
@@ -272,16 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--base", help="base model path when the adapter does not name one")
     g.add_argument("--device", help=device_help)
+    g.add_argument("--adapter", action="append", metavar="NAME=PATH", help=ADAPTER_HELP)
     g.set_defaults(func=_generate)
 
     v = sub.add_parser("eval", help="loss and perplexity of a model on a data file")
-    v.add_argument("model", help="run, checkpoint, adapter or model folder")
+    v.add_argument("model", nargs="?", help="run, checkpoint, adapter or model folder; with --adapter, "
+                                            "the base they share (optional)")
     v.add_argument("--data", required=True, help="JSON/JSONL/CSV/Parquet file in any supported format")
     v.add_argument("--format", default="auto", help="data format (default: detect from columns)")
     v.add_argument("--max-seq-len", type=int, default=512)
     v.add_argument("--batch-size", type=int, default=4)
     v.add_argument("--base", help="base model path when the adapter does not name one")
     v.add_argument("--device", help=device_help)
+    v.add_argument("--adapter", action="append", metavar="NAME=PATH", help=ADAPTER_HELP + "; one line each")
     v.set_defaults(func=_eval)
 
     i = sub.add_parser("inspect", help="rank analysis of an adapter; subspace similarity of two",
@@ -315,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
     return p
 
+
+ADAPTER_HELP = ("an adapter (run, checkpoint or adapter folder) under a name; repeatable: the base is "
+                "loaded once and the adapters take turns on it")
 
 EXPORT_EPILOG = """\
 run a GGUF export:

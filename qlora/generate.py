@@ -97,19 +97,24 @@ def load_resolved(src, device: str | torch.device | None = None):
     quantized (and offloaded, see resolve.Placement) exactly as in training, or a full model
     in its own dtype, on `device` (default: CUDA when available)."""
     from .adapter import load_adapter
-    from .model import load_model, load_tokenizer, resolve_device
+    from .model import load_tokenizer, resolve_device
     device = resolve_device(device)
     if src.adapter is None:
         from transformers import AutoModelForCausalLM
         # straight onto the device: a 7B fp16 model is 13.5 GB the host need not hold first
         model = AutoModelForCausalLM.from_pretrained(src.model, dtype="auto", device_map=str(device))
     else:
-        q, p = src.quant, src.placement
-        model = load_adapter(load_model(src.model, quantization=q.quantization, double_quant=q.double_quant,
-                                        compute_dtype=q.compute_dtype, device=device, offload=p.offload,
-                                        offload_dir=p.offload_dir, resident_layers=p.resident_layers,
-                                        cache_dir=p.cache_dir), src.adapter)
+        model = load_adapter(load_base(src, device), src.adapter)
     return model.eval(), load_tokenizer(src.tokenizer)
+
+
+def load_base(src, device: torch.device):
+    """The frozen 4-bit base under `src`'s adapter, as training held it (no adapter yet)."""
+    from .model import load_model
+    q, p = src.quant, src.placement
+    return load_model(src.model, quantization=q.quantization, double_quant=q.double_quant,
+                      compute_dtype=q.compute_dtype, device=device, offload=p.offload,
+                      offload_dir=p.offload_dir, resident_layers=p.resident_layers, cache_dir=p.cache_dir)
 
 
 def load_for_generation(target, *, base: str | None = None, device=None):

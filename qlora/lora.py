@@ -91,6 +91,15 @@ def add_lora(model: nn.Module, s: LoraConfig) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n in linears})
 
 
+def remove_lora(model: nn.Module) -> None:
+    """Undo `add_lora`: every LoRALinear gives its place back to its base layer (in place)."""
+    for name, layer in lora_layers(model).items():
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, layer.base_layer)
+    if hasattr(model, "qlora_lora"):
+        del model.qlora_lora
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
