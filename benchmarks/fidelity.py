@@ -1,0 +1,167 @@
+"""Fidelity on a real pretrained model: does 4-bit QLoRA match 16-bit LoRA with our code?
+
+    python benchmarks/fidelity.py --smollm2 /work/cache/smollm2 --work /work/cache/fidelity \
+        --steps 150 --json benchmarks/fidelity.json
+
+SmolLM2-135M-Instruct (../shared/assets/models/smollm2-135m-instruct, written by its
+materialize.py) is fine-tuned on Alpaca with everything equal but the setting compared: the
+same rows in the same order (seed), the same steps, LoRA r 16 alpha 32 dropout 0.05 on every
+linear, AdamW, lr 1e-3 cosine. Held-out rows (the last --eval-rows of alpaca_5000.json, never
+trained on) give the eval loss, through `qlora.evaluate.evaluate_model` for every model alike
+(loss over the answer tokens).
+
+Configurations (the QLoRA paper's comparisons, plus ours):
+    lora16        16-bit LoRA: the bf16 base unquantized
+    nf4_dq        QLoRA: NF4 + double quantization, bf16 factors (our default)
+    nf4           NF4 without double quantization
+    fp4_dq        FP4 + double quantization
+    nf4_dq_fp32   NF4 + double quantization, fp32 LoRA factors (PEFT's default)
+Then the nf4_dq adapter three ways: on its 4-bit base (as trained), merged into the dequantized
+weights (`qlora export`, the default, fp16), and merged into the original bf16 weights
+(`--merge-into original`, fp16).
+
+Every run is a fresh `qlora.train.train`, one after another in this process; the table and
+JSON are written after each step so an interrupted benchmark keeps what it measured
+(`--reuse` skips runs whose folder holds a final adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+ASSETS = Path(os.environ.get("QLORA_ASSETS") or REPO.parent / "shared" / "assets")
+
+CONFIGS = {
+    "lora16": dict(quantization="none"),
+    "nf4_dq": dict(quantization="nf4", double_quant=True),
+    "nf4": dict(quantization="nf4", double_quant=False),
+    "fp4_dq": dict(quantization="fp4", double_quant=True),
+    "nf4_dq_fp32": dict(quantization="nf4", double_quant=True, lora_dtype="float32"),
+}
+
+
+def split_data(work: Path, train_rows: int, eval_rows: int) -> tuple[Path, Path]:
+    rows = json.loads((ASSETS / "data" / "alpaca_5000.json").read_text())
+    train, held_out = rows[:train_rows], rows[-eval_rows:]
+    (work / "train.json").write_text(json.dumps(train))
+    (work / "eval.json").write_text(json.dumps(held_out))
+    return work / "train.json", work / "eval.json"
+
+
+def recipe_for(name: str, model: Path, train_file: Path, out: Path, args):
+    from qlora.config import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
+    c = CONFIGS[name]
+    return Recipe(
+        model=ModelConfig(name_or_path=str(model), quantization=c["quantization"],
+                          double_quant=c.get("double_quant", True), compute_dtype="bfloat16"),
+        lora=LoraConfig(r=16, alpha=32, dropout=0.05, dtype=c.get("lora_dtype", "auto")),
+        data=DataConfig(path=str(train_file), format="alpaca", max_seq_len=args.seq),
+        train=TrainConfig(output_dir=str(out), max_steps=args.steps, batch_size=args.batch,
+                          grad_accum=1, lr=1e-3, schedule="cosine", warmup_ratio=0.05,
+                          optimizer="adamw_torch", eval_steps=10**6, save_steps=10**6,
+                          logging_steps=10, seed=7))
+
+
+def eval_loss(target: Path, eval_file: Path, seq: int) -> dict:
+    """Held-out loss of a run (its adapter on the 4-bit base it trained on) or an export."""
+    import torch
+    from qlora.evaluate import evaluate_model
+    from qlora.generate import load_resolved
+    from qlora.resolve import resolve
+    torch.manual_seed(0)
+    model, tok = load_resolved(resolve(target), "cpu")
+    with torch.no_grad():
+        r = evaluate_model(model, tok, eval_file, format="alpaca", max_seq_len=seq, batch_size=8)
+    return {"eval_loss": r["loss"], "eval_ppl": r["ppl"], "eval_tokens": r["tokens"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smollm2", type=Path, required=True, help="materialized SmolLM2-135M-Instruct folder")
+    ap.add_argument("--work", type=Path, required=True, help="folder for runs and exports (~1.5 GB)")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--train-rows", type=int, default=2000)
+    ap.add_argument("--eval-rows", type=int, default=200)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--json", type=Path, help="write the results here (after every run)")
+    ap.add_argument("--reuse", action="store_true", help="keep runs that already finished")
+    args = ap.parse_args()
+    from qlora.export import export
+    from qlora.train import train
+    args.work.mkdir(parents=True, exist_ok=True)
+    train_file, eval_file = split_data(args.work, args.train_rows, args.eval_rows)
+    results: dict = {"settings": {k: str(v) for k, v in vars(args).items()},
+                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                     "runs": {}, "merge": {}}
+
+    def save():
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        print(table(results), flush=True)
+
+    base_row = {"config": "base (no adapter)", **eval_loss(args.smollm2, eval_file, args.seq)}
+    results["base"] = base_row
+    for name in args.configs.split(","):
+        run = args.work / name
+        t0 = time.perf_counter()
+        if not (args.reuse and (run / "adapter" / "adapter_config.json").is_file()):
+            summary = train(recipe_for(name, args.smollm2, train_file, run, args), overwrite=run.exists())
+        else:
+            summary = {}
+        seconds = time.perf_counter() - t0
+        losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        train_losses = [r["loss"] for r in losses if "loss" in r]
+        results["runs"][name] = {"train_seconds": round(seconds, 1) if summary else None,
+                                 "final_train_loss": sum(train_losses[-5:]) / len(train_losses[-5:]),
+                                 **eval_loss(run, eval_file, args.seq)}
+        save()
+    if "nf4_dq" in results["runs"]:
+        run = args.work / "nf4_dq"
+        results["merge"]["adapter on 4-bit base"] = results["runs"]["nf4_dq"]
+        for into in ("dequantized", "original"):
+            out = args.work / f"merged-{into}"
+            report = export(run, out, merge_into=into, force=True)
+            results["merge"][f"merged into {into} (fp16)"] = {
+                **eval_loss(out, eval_file, args.seq), "verification_error": report.get("relative_error")}
+            save()
+    save()
+
+
+def table(results: dict) -> str:
+    runs, lines = results["runs"], []
+    lines.append("| configuration | eval loss | perplexity | final train loss | train time |")
+    lines.append("|---|---|---|---|---|")
+    if "base" in results:
+        b = results["base"]
+        lines.append(f"| base model, no adapter | {b['eval_loss']:.4f} | {b['eval_ppl']:.2f} | — | — |")
+    for name, r in runs.items():
+        t = f"{r['train_seconds']:.0f} s" if r.get("train_seconds") else "—"
+        lines.append(f"| {name} | {r['eval_loss']:.4f} | {r['eval_ppl']:.2f} | {r['final_train_loss']:.4f} | {t} |")
+    if "lora16" in runs and "nf4_dq" in runs:
+        gap = runs["nf4_dq"]["eval_loss"] / runs["lora16"]["eval_loss"] - 1
+        lines.append(f"\nNF4+DQ vs 16-bit LoRA: eval loss {gap:+.2%} ({'within' if abs(gap) <= 0.01 else 'outside'} 1%)")
+    if "fp4_dq" in runs and "nf4_dq" in runs:
+        d = runs["nf4_dq"]["eval_loss"] - runs["fp4_dq"]["eval_loss"]
+        lines.append(f"NF4+DQ vs FP4+DQ: eval loss {d:+.4f} (NF4 {'below' if d < 0 else 'not below'} FP4)")
+    if "nf4_dq_fp32" in runs and "nf4_dq" in runs:
+        d = runs["nf4_dq"]["eval_loss"] - runs["nf4_dq_fp32"]["eval_loss"]
+        lines.append(f"bf16 vs fp32 LoRA factors: eval loss {d:+.4f}")
+    if results["merge"]:
+        lines.append("\n| nf4_dq adapter | eval loss | perplexity |\n|---|---|---|")
+        for name, r in results["merge"].items():
+            lines.append(f"| {name} | {r['eval_loss']:.4f} | {r['eval_ppl']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
