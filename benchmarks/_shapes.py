@@ -23,6 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Real assets, found as the tests find them: $QLORA_ASSETS, else shared/assets next to the repo.
 ASSETS = Path(os.environ.get("QLORA_ASSETS") or REPO.parent / "shared" / "assets")
 STORIES = ASSETS / "models" / "stories260K"
+# The real SmolLM2-135M-Instruct (30 narrow layers, vocab 49,152): its asset folder holds a GGUF
+# and materialize.py, which writes the Hugging Face folder (into CACHE/smollm2 here).
+SMOLLM2 = ASSETS / "models" / "smollm2-135m-instruct"
+REAL = ("stories260K", "smollm2")
 CACHE = Path(os.environ.get("QLORA_BENCH_CACHE", "/tmp/qlora-bench"))
 SHARD_BYTES = 2 * 1024**3
 STD = 0.02
@@ -67,6 +71,16 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
+def _materialized_smollm2(log) -> Path:
+    import subprocess
+    import sys
+    out = Path(os.environ.get("QLORA_SMOLLM2") or CACHE / "smollm2")
+    if not (out / "model.safetensors").is_file():
+        log(f"[gen] materializing SmolLM2-135M-Instruct to {out}")
+        subprocess.run([sys.executable, str(SMOLLM2 / "materialize.py"), str(out)], check=True)
+    return out
+
+
 def count_params(path: Path) -> int:
     """Logical parameter count of a checkpoint folder (from safetensors headers; tied
     embeddings counted once, as they are stored once)."""
@@ -99,6 +113,8 @@ def model_path(shape: str, log=print, layers: int | None = None) -> Path:
     shape's own number, when given), writing it first if it is not cached."""
     if shape == "stories260K":
         return STORIES
+    if shape == "smollm2":
+        return _materialized_smollm2(log)
     from safetensors.torch import save_file
     out = CACHE / (f"{shape}-{layers}l" if layers else shape)
     config = llama_config(shape, layers)

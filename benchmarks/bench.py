@@ -208,10 +208,15 @@ def worker(args) -> dict:
         print(f"  [{args.worker} {args.shape}] step {i} {'warmup' if i < args.warmup else 'timed'}"
               f" {dt:.2f}s loss {losses[-1]:.4f} rss {rss_gb():.2f} GB", file=sys.stderr, flush=True)
     tokens = args.batch * args.seq
+    run_peak = hwm_gb()  # before the profiled step: its bookkeeping is not the stack's memory
+    parts = None
+    if args.breakdown:
+        import _breakdown
+        parts = _breakdown.profile_step(step, batches[-1])
     return {
         "stack": args.worker, "shape": args.shape, "params": _shapes.count_params(path),
         "trainable": trainable, "load_s": load_s, "load_peak_gb": load_peak,
-        "run_peak_gb": hwm_gb(), "base_rss_gb": base_rss, "setup_rss_gb": setup_rss,
+        "run_peak_gb": run_peak, "base_rss_gb": base_rss, "breakdown": parts, "setup_rss_gb": setup_rss,
         "hwm_reset": hwm_reset, "step_s": times, "losses": losses,
         "tok_s": tokens / statistics.median(times), "tok_s_best": tokens / min(times),
         "threads": torch.get_num_threads(),
@@ -293,7 +298,7 @@ def table(results: list[dict], peak: float) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="stories260K,170m,1.3b",
-                    help="comma list of: stories260K, 170m, 1.3b, 7b")
+                    help="comma list of: stories260K, smollm2 (the real SmolLM2-135M), 170m, 1.3b, 7b")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=16)
@@ -307,6 +312,9 @@ def main():
                     help="length of the bf16/fp32 matmul peak measurement at the start")
     ap.add_argument("--probe-seconds", type=float, default=1.5,
                     help="length of the bf16 matmul probe each worker runs before loading")
+    ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                    help="skip the profiled step that splits each stack's time into GEMM (against its "
+                         "floor), dequantization, dropout, attention, optimizer and other")
     ap.add_argument("--json", type=Path, help="also write all raw results here")
     ap.add_argument("--worker", choices=("ours", "ours-keep", "reference", "matmul"), help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -320,11 +328,13 @@ def main():
     import _shapes
     shapes = [s for s in args.shapes.split(",") if s]
     for s in shapes:
-        if s != "stories260K" and s not in _shapes.SHAPES:
+        if s not in _shapes.REAL and s not in _shapes.SHAPES:
             raise SystemExit(f"unknown shape {s!r}")
     common = ["--seq", str(args.seq), "--batch", str(args.batch), "--rank", str(args.rank),
               "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--probe-seconds", str(args.probe_seconds), "--keep-matmuls-gb", str(args.keep_matmuls_gb)]
+    if not args.breakdown:
+        common.append("--no-breakdown")
     mm = run_child(["--worker", "matmul", "--matmul-seconds", str(args.matmul_seconds)])
     peak = mm["bf16_peak_flops"]
     print(f"bf16 matmul 2048^3: peak {peak / 1e9:.0f} GFLOP/s (median {mm['bf16_median_flops'] / 1e9:.0f}); "
@@ -333,6 +343,9 @@ def main():
     for shape in shapes:
         if shape == "stories260K" and not _shapes.STORIES.is_dir():
             print(f"skip stories260K: {_shapes.STORIES} absent", flush=True)
+            continue
+        if shape == "smollm2" and not _shapes.SMOLLM2.is_dir():
+            print(f"skip smollm2: {_shapes.SMOLLM2} absent", flush=True)
             continue
         _shapes.model_path(shape)  # generate once, outside the timed workers
         for stack in args.stacks.split(","):
@@ -349,6 +362,10 @@ def main():
           f"PagedAdamW8bit lr {LR}, {args.warmup} warm-up + {args.steps} timed steps; "
           f"bf16 peak (best 2048^3 matmul of the run) {peak / 1e9:.0f} GFLOP/s")
     print(table(results, peak))
+    if args.breakdown:
+        import _breakdown
+        print("\nOne more step of each, profiled (benchmarks/_breakdown.py):")
+        print(_breakdown.table(results, peak))
     if args.json:
         args.json.write_text(json.dumps({"matmul": mm, "bf16_peak_flops": peak, "args": vars(args) | {"json": str(args.json)},
                                          "results": results}, indent=1))

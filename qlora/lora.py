@@ -66,14 +66,15 @@ def drop_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:
     from the default generator, so gradient checkpointing's RNG replay reproduces the mask.
     On CUDA the Bernoulli kernel is already cheap, so it is used there.
     """
-    if x.device.type == "cuda":
-        return x * torch.empty_like(x).bernoulli_(1 - p)
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
-    bits.random_(-2**63, 2**63 - 1)  # the full 64-bit range: all four int16 lanes uniform
-    r = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
-    keep = r >= round(p * 65536) - 32768  # P(keep) = 1 - p
-    return torch.where(keep, x, 0)
+    with torch.profiler.record_function("qlora::dropout"):  # benchmarks/_breakdown.py's label
+        if x.device.type == "cuda":
+            return x * torch.empty_like(x).bernoulli_(1 - p)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+        bits.random_(-2**63, 2**63 - 1)  # the full 64-bit range: all four int16 lanes uniform
+        r = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
+        keep = r >= round(p * 65536) - 32768  # P(keep) = 1 - p
+        return torch.where(keep, x, 0)
 
 
 def add_lora(model: nn.Module, s: LoraConfig) -> list[str]:
