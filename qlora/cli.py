@@ -406,13 +406,31 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _wait_for_the_other_processes(timeout_s: float = 10.0) -> None:
+    """Under `accelerate launch` the launcher stops every process as soon as one exits, so a
+    process that exits at once can kill another before it printed its line. A user error
+    reaches all processes alike (processes.py): meet at a barrier first. It runs in a daemon
+    thread, so a process whose peers are elsewhere still exits after `timeout_s`."""
+    dist = sys.modules.get("torch.distributed")  # never imported: no process group to wait for
+    if dist is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    import threading
+    waiting = threading.Thread(target=dist.barrier, daemon=True)
+    waiting.start()
+    waiting.join(timeout_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
         args.func(args)
     except QloraError as e:
-        print(f"qlora: error: {e}", file=sys.stderr)
+        # one write of the whole line: under `accelerate launch` the processes share stderr,
+        # and print's separate write of the newline let two lines interleave into one
+        sys.stderr.write(f"qlora: error: {e}\n")
+        sys.stderr.flush()
+        _wait_for_the_other_processes()
         return EXIT_USER_ERROR
     except TrainingInterrupted as e:
         print(f"qlora: {e}; continue with `qlora train --resume {e.path.parent}`", file=sys.stderr)
