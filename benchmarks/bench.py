@@ -97,7 +97,8 @@ def _imports():
 
 def setup_ours(path, rank, keep_gb=0.0, tokens=0):
     import torch
-    from qlora.lora import LoraSettings, add_lora
+    from qlora.config import LoraConfig
+    from qlora.lora import add_lora
     from qlora.memory import release_memory_per_layer
     from qlora.model import decoder_layers, enable_gradient_checkpointing, load_model, matmul_layers_within
     from qlora.optim import build_optimizer
@@ -107,8 +108,8 @@ def setup_ours(path, rank, keep_gb=0.0, tokens=0):
                        device="cpu")
     load_s = time.perf_counter() - t0
     load_peak = hwm_gb()
-    add_lora(model, LoraSettings(r=rank, alpha=2 * rank, dropout=DROPOUT, targets="all-linear",
-                                 dtype=torch.bfloat16))
+    add_lora(model, LoraConfig(r=rank, alpha=2 * rank, dropout=DROPOUT, targets="all-linear",
+                               dtype="bfloat16"))
     # the same rule as `train.keep_matmuls_gb` in a recipe
     enable_gradient_checkpointing(model, keep_matmul_layers=matmul_layers_within(model, keep_gb, tokens))
     release_memory_per_layer(decoder_layers(model))  # as qlora.train.setup does on CPU

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shapes import SHAPES, llama_config, model_path  # noqa: E402
-from export_rss import mb, run_child, write_adapter  # noqa: E402
+from _child import mb, run_child  # noqa: E402
+from _shapes import SHAPES, llama_config, model_path, write_random_adapter  # noqa: E402
 
 CHILD = r"""
 import json, re, sys, time
@@ -60,7 +60,7 @@ def main() -> None:
     try:
         adapters = []
         for r in args.ranks:
-            write_adapter(tmp / f"r{r}", base, config, r)
+            write_random_adapter(tmp / f"r{r}", base, r)
             adapters.append(tmp / f"r{r}")
         size = sum((p / "adapter_model.safetensors").stat().st_size for p in adapters)
         print(f"{args.shape} base {base}; adapters r={args.ranks[0]} and r={args.ranks[1]} on every "

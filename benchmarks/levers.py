@@ -53,14 +53,15 @@ def main() -> None:
 
     import _shapes
     from qlora import lora, memory, model as qmodel, quant
-    from qlora.lora import LoraSettings, add_lora
+    from qlora.config import LoraConfig
+    from qlora.lora import add_lora
     from qlora.loss import lm_loss_sum
     from qlora.optim import build_optimizer
 
     path = _shapes.model_path(args.shape)
     torch.manual_seed(0)
     model = qmodel.load_model(path, device="cpu")
-    add_lora(model, LoraSettings(r=16, alpha=32, dropout=0.05))
+    add_lora(model, LoraConfig(r=16, alpha=32, dropout=0.05))
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], "paged_adamw_8bit", 1e-4, 0.0)
     vocab = model.config.vocab_size
     layers = qmodel.decoder_layers(model)

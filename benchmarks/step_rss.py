@@ -43,15 +43,12 @@ def main() -> None:
     from qlora import memory
     from qlora.model import decoder_layers
 
-    shape = args.shape
-    if args.layers:
-        shape = f"{args.shape}-{args.layers}l"
-        _shapes.SHAPES[shape] = dict(_shapes.SHAPES[args.shape], num_hidden_layers=args.layers)
+    shape = f"{args.shape}-{args.layers}l" if args.layers else args.shape
     if args.no_layer_release:
         memory.release_memory_per_layer = lambda layers: []  # what setup_ours calls
     torch.manual_seed(0)
     base = bench.rss_gb()
-    model, _, step, _, load_peak = bench.setup_ours(_shapes.model_path(shape), 16, 0.0, args.seq)
+    model, _, step, _, load_peak = bench.setup_ours(_shapes.model_path(args.shape, layers=args.layers), 16, 0.0, args.seq)
     print(f"{shape}: RSS after imports {base:.2f} GB, load peak {load_peak:.2f} GB, "
           f"after setup {bench.rss_gb():.2f} GB", flush=True)
 

@@ -24,6 +24,7 @@ from .adapter import WEIGHTS_NAME, load_adapter_weights, write_adapter_files
 from .atomic import write_atomically
 from .errors import QloraError
 from .optim import host_copy, load_optimizer_state
+from .safetensors_io import check_intact
 
 STATE_NAME = "trainer_state.json"
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -43,6 +44,31 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (a file missing, unreadable or cut short: a disk
+    that filled up, a copy that was killed), or None. Reads headers only."""
+    try:
+        for name in (WEIGHTS_NAME, "optimizer.safetensors", "rng.safetensors"):
+            check_intact(ckpt / name)
+        for name in (STATE_NAME, "optimizer.json", "adapter_config.json"):
+            json.loads((ckpt / name).read_text())
+    except QloraError as e:
+        return str(e)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{ckpt / name}: unreadable ({e.__class__.__name__})"
+    return None
+
+
+def resumable_checkpoint(run_dir: Path, warn=print) -> Path | None:
+    """The newest checkpoint that is intact; each newer damaged one is reported via `warn`."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        warn(f"{ckpt.name} is damaged ({problem}); falling back to an older checkpoint")
+    return None
 
 
 ALIAS = "__same_tensor_as__"  # JSON stand-in for a tensor already saved under another key

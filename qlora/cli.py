@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import QloraError, TrainingInterrupted
+from .hub import looks_like_hub_id
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -33,7 +34,7 @@ def _train(args) -> None:
     else:
         raise QloraError("train needs a RECIPE file or --resume RUN_DIR")
     _check_paths(recipe)
-    summary = train(recipe, resume=bool(args.resume), force=args.force)
+    summary = train(recipe, resume=bool(args.resume), overwrite=args.overwrite, force=args.force)
     line = f"done: {summary['steps']} steps; adapter in {Path(summary['run_dir']) / 'adapter'}"
     if "eval_loss" in summary:
         line += f"; eval loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f})"
@@ -46,12 +47,8 @@ def _check_paths(recipe) -> None:
     src = recipe.source or "recipe"
     for key, value in (("model.name_or_path", recipe.model.name_or_path), ("data.path", recipe.data.path),
                        ("data.eval_path", recipe.data.eval_path), ("model.tokenizer", recipe.model.tokenizer)):
-        if value and not Path(value).exists() and not _looks_like_hub_name(value):
+        if value and not Path(value).exists() and not looks_like_hub_id(value):
             raise QloraError(f"{src}: {key}: path not found: {value}")
-
-
-def _looks_like_hub_name(value: str) -> bool:
-    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and "." not in value.split("/")[0]
 
 
 def _plan(args) -> None:
@@ -64,38 +61,103 @@ def _plan(args) -> None:
 
 
 def _export(args) -> None:
+    if args.format != "safetensors":
+        return _export_gguf(args)
     from .export import export
-    report = export(args.source, args.out, dtype=args.dtype, merge_into=args.merge_into,
-                    max_shard_size=args.max_shard_size, force=args.force,
-                    verify=not args.no_verify, base=args.base)
-    diff = report.get("max_logit_diff")
-    print(f"exported {report['tensors_merged']} merged tensors to {report['out']} "
-          f"({report['dtype']}, {report['shards']} shard(s))"
-          + (f"; max |logit diff| vs adapter on the 4-bit base: {diff:.4g}" if diff is not None else ""))
+    if args.dtype == "q8_0" or args.base_only:
+        raise QloraError(f"{'--dtype q8_0' if args.dtype == 'q8_0' else '--base-only'} is for --format gguf")
+    report = export(args.source, args.out, dtype={"f16": "fp16"}.get(args.dtype, args.dtype),
+                    merge_into=args.merge_into, max_shard_size=args.max_shard_size or "5GB",
+                    force=args.force, verify=not args.no_verify, base=args.base, device=args.device)
+    line = (f"exported {report['tensors_merged']} merged tensors to {report['out']} "
+            f"({report['dtype']}, {report['shards']} shard(s))")
+    if report.get("verified"):
+        line += (f"; verified layer by layer: logits within {report['relative_error']:.2%} of what "
+                 f"the adapter changes (tolerance {report['tolerance']:.0%})")
+    elif report.get("relative_error") is not None:
+        line += f"; logits differ from the adapter on its 4-bit base by {report['relative_error']:.2%} of its effect (not enforced)"
+    print(line)
+
+
+def _export_gguf(args) -> None:
+    from .gguf_export import export_gguf, export_gguf_lora
+    if args.max_shard_size is not None:
+        raise QloraError("--max-shard-size is for --format safetensors (a GGUF is one file)")
+    if args.format == "gguf-lora":
+        if args.merge_into != "dequantized" or args.base_only:
+            raise QloraError(f"{'--base-only' if args.base_only else '--merge-into'} does not apply to "
+                             "--format gguf-lora (the adapter alone, merged into nothing)")
+        r = export_gguf_lora(args.source, args.out, dtype=args.dtype, force=args.force,
+                             verify=not args.no_verify, base=args.base)
+        print(f"exported {r['modules']} LoRA pairs (r {r['rank']}, alpha {r['lora_alpha']:g}) to {r['out']}\n"
+              f"run it on a base GGUF (e.g. qlora export {args.source} --format gguf --base-only): "
+              f"llama-cli -m BASE.gguf --lora {r['out']}")
+        return
+    r = export_gguf(args.source, args.out, dtype=args.dtype, merge_into=args.merge_into,
+                    base_only=args.base_only, force=args.force, verify=not args.no_verify, base=args.base,
+                    device=args.device)
+    from .ollama import ollama_name
+    name = ollama_name(Path(r["out"]).stem)
+    what = "the base alone" if r["base_only"] else f"{r['tensors_merged']} merged tensors"
+    print(f"exported {what} to {r['out']} ({r['architecture']}, {r['dtype']}, tokenizer {r['tokenizer']}"
+          + (f", all {r['verified_tensors']} tensors verified" if r["verified"] else "") + f") and {r['modelfile']}\n"
+          f"run it: llama-cli -m {r['out']}   |   ollama create {name} -f {r['modelfile']} && ollama run {name}")
+
+
+def _resolved(args):
+    """The model source of `args.model`, loaded on `args.device`; says when a run without
+    its final adapter falls back to its latest checkpoint."""
+    from .generate import load_resolved
+    from .model import resolve_device
+    from .resolve import resolve
+    device = resolve_device(args.device)  # before anything is read or downloaded
+    src = resolve(args.model, base=args.base)
+    if not src.final:
+        print(f"qlora: {src.path} has no final adapter (the run did not finish); using its latest "
+              f"checkpoint {src.adapter}", file=sys.stderr)
+    model, tokenizer = load_resolved(src, device)
+    return src, model, tokenizer
+
+
+def _check_numbers(args, rules: dict[str, tuple]) -> None:
+    """Numeric flags, before anything is loaded: {flag: (test, what it must be)}."""
+    for flag, (ok, must) in rules.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if not ok(value):
+            raise QloraError(f"{flag}: must be {must}, got {value}")
 
 
 def _generate(args) -> None:
-    from .generate import generate, load_for_generation
-    model, tokenizer = load_for_generation(args.model, base=args.base)
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    from .generate import generate, prompt_style
+    _check_numbers(args, {"--max-new-tokens": (lambda v: v >= 1, "at least 1"),
+                          "--temperature": (lambda v: v >= 0, ">= 0 (0 is greedy)"),
+                          "--top-p": (lambda v: 0 < v <= 1, "in (0, 1]")})
+    src, model, tokenizer = _resolved(args)
+    style = "raw" if args.raw else "chat" if args.chat else prompt_style(src.data_format, tokenizer)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, style=style)
     if args.prompt is not None:
-        generate(model, tokenizer, args.prompt, chat=True if args.chat else None, stream=True, **kw)
+        generate(model, tokenizer, args.prompt, stream=True, **kw)
         print()
         return
-    if not args.chat:
-        raise QloraError("generate needs --prompt TEXT or --chat")
-    print("chat: one prompt per line; empty line or Ctrl-D to quit", file=sys.stderr)
+    print(f"one prompt per line ({style} rendering); empty line or Ctrl-D to quit", file=sys.stderr)
     for line in sys.stdin:
         if not line.strip():
             break
-        generate(model, tokenizer, line.strip(), chat=True, stream=True, **kw)
+        generate(model, tokenizer, line.strip(), stream=True, **kw)
         print()
 
 
 def _eval(args) -> None:
-    from .evaluate import evaluate_file
-    r = evaluate_file(args.model, args.data, format=args.format, max_seq_len=args.max_seq_len,
-                      batch_size=args.batch_size, base=args.base)
+    from .evaluate import evaluate_model
+    _check_numbers(args, {"--max-seq-len": (lambda v: v >= 2, "at least 2"),
+                          "--batch-size": (lambda v: v >= 1, "at least 1")})
+    from .model import resolve_device
+    resolve_device(args.device)  # the flags first, then the files
+    if not Path(args.data).exists() and not looks_like_hub_id(args.data):
+        raise QloraError(f"--data: path not found: {args.data}")
+    _, model, tokenizer = _resolved(args)
+    r = evaluate_model(model, tokenizer, args.data, format=args.format, max_seq_len=args.max_seq_len,
+                       batch_size=args.batch_size)
     print(f"{args.data}: loss {r['loss']:.4f}, perplexity {r['ppl']:.3f} over {r['tokens']} tokens "
           f"in {r['examples']} examples")
 
@@ -135,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune a model from a YAML recipe.", epilog=_recipe_help())
     t.add_argument("recipe", nargs="?", help="recipe YAML file (see recipes/)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest complete checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest intact checkpoint (a run that stopped before "
+                        "its first checkpoint starts over)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in train.output_dir instead of refusing to touch it")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (repeatable), e.g. --set train.max_steps=100")
     t.add_argument("--force", action="store_true",
@@ -157,40 +223,65 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print one JSON object (peak_bytes, device_bytes, fits, terms, phases, advice)")
     pl.set_defaults(func=_plan)
 
-    e = sub.add_parser("export", help="merge an adapter into a full fp16/bf16 Hugging Face checkpoint",
+    device_help = "cpu, cuda or cuda:N (default: cuda when a GPU is available, else cpu)"
+    e = sub.add_parser("export", help="merge an adapter into a full fp16/bf16 Hugging Face checkpoint, or GGUF",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXPORT_EPILOG,
                        description="Dequantize the NF4 base, add (alpha/r)*B*A, write sharded safetensors "
-                                   "that plain transformers loads. Streams tensor by tensor: memory grows with the "
-                                   "largest weight matrix (about 7x it while re-quantizing), not the model.")
+                                   "that plain transformers loads and verify them against the adapter on its "
+                                   "4-bit base one decoder layer at a time, or write one GGUF file for "
+                                   "llama.cpp / Ollama (--format gguf, with an Ollama Modelfile beside it), or "
+                                   "the adapter alone as a GGUF LoRA (--format gguf-lora). Streams tensor by "
+                                   "tensor and layer by layer: memory grows with the largest weight matrix "
+                                   "(about 7x it while re-quantizing), not the model.")
     e.add_argument("source", help="run directory, checkpoint directory or adapter directory")
-    e.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
-    e.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="output dtype (default fp16)")
+    e.add_argument("--out", required=True, help="output folder (safetensors: must be empty or absent unless "
+                                                "--force), or the .gguf file (must not exist unless --force)")
+    e.add_argument("--format", choices=["safetensors", "gguf", "gguf-lora"], default="safetensors",
+                   help="safetensors (default): a Hugging Face folder; gguf: one llama.cpp file plus an Ollama "
+                        "Modelfile; gguf-lora: the adapter alone, for llama.cpp --lora")
+    e.add_argument("--dtype", choices=["fp16", "f16", "bf16", "q8_0"], default="fp16",
+                   help="weight type (default fp16, which GGUF calls f16); q8_0: GGUF only, 8-bit blocks of "
+                        "32 (every row width must be a multiple of 32)")
+    e.add_argument("--base-only", action="store_true",
+                   help="--format gguf: write the base alone (as training saw it), the base for gguf-lora adapters")
     e.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized",
                    help="merge into the dequantized NF4 weights training saw (default), or into the "
                         "original 16-bit base weights")
-    e.add_argument("--max-shard-size", default="5GB", help="largest shard file (default 5GB)")
+    e.add_argument("--max-shard-size", help="largest shard file (default 5GB; safetensors only)")
     e.add_argument("--base", help="base model path when the adapter does not name one")
-    e.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    e.add_argument("--device", help=f"where to merge and verify: {device_help}")
+    e.add_argument("--force", action="store_true",
+                   help="replace an existing output (folder, or .gguf and its Modelfile) once the new one is complete")
     e.add_argument("--no-verify", action="store_true",
-                   help="skip reloading the export with transformers and comparing logits")
+                   help="skip the check before publishing (safetensors: the export against the adapter on its "
+                        "4-bit base, layer by layer; gguf: re-read every tensor and compare it with the merge)")
     e.set_defaults(func=_export)
 
-    g = sub.add_parser("generate", help="generate text from a run, adapter or exported model")
-    g.add_argument("model", help="run directory, adapter directory, or model folder")
-    g.add_argument("--prompt", help="prompt text (chat template applied when the tokenizer has one)")
-    g.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, read prompts from stdin")
+    g = sub.add_parser("generate", help="generate text from a run, checkpoint, adapter or model folder",
+                       description="Prompts are rendered as the run's training data was: the Alpaca template "
+                                   "for Alpaca runs, the chat template for chat runs, as-is for text; a model "
+                                   "of unknown training gets the chat template when its tokenizer has one.")
+    g.add_argument("model", help="run, checkpoint, adapter or model folder (a run without its final "
+                                 "adapter uses its latest checkpoint)")
+    g.add_argument("--prompt", help="prompt text; without it, prompts are read from stdin, one per line")
+    style = g.add_mutually_exclusive_group()
+    style.add_argument("--chat", action="store_true", help="render prompts through the chat template")
+    style.add_argument("--raw", action="store_true", help="feed prompts as they are, no template")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--base", help="base model path when the adapter does not name one")
+    g.add_argument("--device", help=device_help)
     g.set_defaults(func=_generate)
 
     v = sub.add_parser("eval", help="loss and perplexity of a model on a data file")
-    v.add_argument("model", help="run directory, adapter directory, or model folder")
+    v.add_argument("model", help="run, checkpoint, adapter or model folder")
     v.add_argument("--data", required=True, help="JSON/JSONL/CSV/Parquet file in any supported format")
     v.add_argument("--format", default="auto", help="data format (default: detect from columns)")
     v.add_argument("--max-seq-len", type=int, default=512)
     v.add_argument("--batch-size", type=int, default=4)
     v.add_argument("--base", help="base model path when the adapter does not name one")
+    v.add_argument("--device", help=device_help)
     v.set_defaults(func=_eval)
 
     i = sub.add_parser("inspect", help="rank analysis of an adapter; subspace similarity of two",
@@ -225,6 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXPORT_EPILOG = """\
+run a GGUF export:
+  qlora export runs/demo --format gguf --out demo.gguf            # also writes demo.Modelfile
+  llama-cli -m demo.gguf                                          # llama.cpp chat (the chat template is embedded)
+  llama-server -m demo.gguf                                       # OpenAI-compatible server on :8080
+  ollama create demo -f demo.Modelfile && ollama run demo         # the Modelfile's header has the exact command
+
+one base GGUF, many adapters:
+  qlora export runs/demo --format gguf --base-only --out base.gguf
+  qlora export runs/demo --format gguf-lora --out demo-lora.gguf
+  llama-cli -m base.gguf --lora demo-lora.gguf
+  Ollama: a Modelfile with FROM <the base model> and ADAPTER ./demo-lora.gguf
+"""
+
+
 def _recipe_help() -> str:
     try:
         from .config import describe_fields
@@ -233,8 +339,19 @@ def _recipe_help() -> str:
         return ""
 
 
+def _quiet_libraries() -> None:
+    """Our own lines say what each phase did; `datasets` would add a progress bar per file,
+    split, filter and map on every run."""
+    try:
+        import datasets
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         args.func(args)
     except QloraError as e:

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Iterable, Literal, Union
 import yaml
 
 from qlora.errors import QloraError
+from qlora.hub import looks_like_hub_id
 
 Quantization = Literal["nf4", "fp4", "none"]
 Offload = Literal["none", "cpu", "disk"]
@@ -102,7 +103,7 @@ class ModelConfig(_Section):
     offload: Offload = "none"
     """Where the 4-bit weights of the decoder layers past model.resident_layers live between uses: 'cpu' (pinned host memory on a GPU machine; copies overlap compute) or 'disk' (a file read per layer, so a model larger than memory trains); each layer is brought in just before it runs and the next one prefetched. Same numbers as 'none'."""
     offload_dir: str | None = None
-    """Folder for model.offload disk's layer file; null means RUN_DIR/offload when training, a temporary folder otherwise."""
+    """Folder for model.offload disk's layer file; null means RUN_DIR/offload (also when `qlora generate`/`eval` run the run's adapter; each process's file is removed when it exits)."""
     resident_layers: int | Literal["auto"] = "auto"
     """With model.offload: how many decoder layers (the first ones) stay on the compute device; 'auto' keeps as many as its free memory allows after a reserve of 20% (at least 1.5 GiB)."""
     cache_dir: str | None = None
@@ -153,6 +154,12 @@ class LoraConfig(_Section):
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if compute_dtype == "bfloat16" else "float32"
+
+    @property
+    def scaling(self) -> float:
+        """The factor on B @ A: alpha / r, or alpha / sqrt(r) with rslora (rsLoRA keeps the
+        update's scale stable as r grows, Kalajdzievski 2023). The one definition of it."""
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
     def _check_values(self) -> None:
         self._require(self.r >= 1, "r", ">= 1")
@@ -252,7 +259,7 @@ class TrainConfig(_Section):
     nan_policy: NanPolicy = "stop"
     """On a NaN/inf loss or gradient: 'stop' the run, or 'skip' that step and continue."""
     sample_prompts: list[str] = field(default_factory=list)
-    """Prompts generated from at each evaluation to watch the model learn; fed as-is, so write them in the training prompt template."""
+    """Prompts generated from at each evaluation to watch the model learn; each is rendered as the training data's prompts are (the Alpaca template for alpaca data, the chat template for chat formats, as-is for text and prompt_completion), so write only the question."""
     sample_max_new_tokens: int = 64
     """Tokens generated for each of train.sample_prompts."""
     eval_max_batches: int = 0
@@ -668,17 +675,12 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
 
 # --------------------------------------------------------------------------- paths
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".gz", ".zst", ".yaml", ".yml")
-
-
 def _resolve_local(value: str, *, may_be_hub_id: bool) -> str:
     """Absolute form of a local path; a hub id (`owner/name`, no local match) as given."""
     expanded = os.path.expanduser(value)
     if os.path.isabs(expanded):
         return os.path.normpath(expanded)
-    looks_like_hub_id = _HUB_ID.fullmatch(value) is not None and not value.lower().endswith(_FILE_SUFFIXES)
-    if may_be_hub_id and looks_like_hub_id and not os.path.exists(expanded):
+    if may_be_hub_id and looks_like_hub_id(value) and not os.path.exists(expanded):
         return value
     return os.path.abspath(expanded)
 

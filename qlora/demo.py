@@ -167,9 +167,9 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0) -> dict:
 
 def load_for_generation_base(recipe):
     """The NF4 base with a fresh (B = 0) LoRA: what training starts from."""
-    from .lora import LoraSettings, add_lora
+    from .lora import add_lora
     from .model import load_model, load_tokenizer
     model = load_model(recipe.model.name_or_path)
-    add_lora(model, LoraSettings(r=recipe.lora.r, alpha=recipe.lora.alpha))
+    add_lora(model, recipe.lora)
     return model.eval(), load_tokenizer(recipe.model.name_or_path)
 

@@ -7,7 +7,6 @@ import math
 import torch
 
 from .data import Collator, build_datasets, ensure_pad_token
-from .generate import load_for_generation
 from .loss import lm_loss_sum
 
 
@@ -27,8 +26,3 @@ def evaluate_model(model, tokenizer, data_path, *, format: str = "auto", max_seq
     loss = loss_sum / max(tokens, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": tokens, "examples": len(ds),
             "dropped": stats.dropped_no_target}
-
-
-def evaluate_file(model_path, data_path, *, base: str | None = None, **kw) -> dict:
-    model, tokenizer = load_for_generation(model_path, base=base)
-    return evaluate_model(model, tokenizer, data_path, **kw)

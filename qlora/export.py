@@ -18,21 +18,32 @@ What gets written for each checkpoint tensor, with `merge_into="dequantized"` (t
   for the same reason (training only ever saw the 4-bit version of it);
 * an adapted layer that training held in 16 bits (quantization "none", or a target outside
   the decoder blocks): its compute-dtype copy (what training saw) plus the delta, likewise;
-* everything else (embeddings, norms, the output head, biases): the original tensor cast to
-  the output dtype (floating point) or copied (integer buffers).
+* every other floating-point tensor (embeddings, norms, the output head, biases): its
+  compute-dtype copy, what training saw (for the usual bf16 checkpoint and bf16 compute, the
+  tensor itself), cast to the output dtype; integer buffers are copied.
 
-The 4-bit round trip runs on the CPU; it is bitwise what `load_model` builds on the CPU.
+The 4-bit round trip runs on `device` (default: CUDA when available); it is bitwise what
+`load_model` builds on that device.
+
+A pre-quantized 4-bit base (prequantized.py) is read through base_checkpoint.py: its
+linears arrive dequantized, exactly what training multiplied by, and are merged as they are
+(no round trip: for a checkpoint `model.cache_dir` wrote, bitwise the export of its source).
 
 With `merge_into="original"` every tensor starts from the original 16/32-bit checkpoint
-weight instead. Trade-off: the adapter was trained to correct the *quantized* base, so this
+weight instead (impossible on a pre-quantized base: there is none). Trade-off: the adapter was trained to correct the *quantized* base, so this
 export differs from what training saw by the quantization error of every decoder linear
 (on the order of a few percent of each weight), and its outputs drift from the adapter's
 accordingly; in exchange it keeps the base model's full-precision weights, which is what
 you want when the adapter is meant to be applied to the full-precision base (e.g. to match
 `PeftModel` on an unquantized model). The verification is then reported, never enforced.
 
-The output folder is published atomically (a temporary sibling renamed at the end): a crash
-or a failed check leaves no half-written export and never touches an existing one.
+Before anything is published the written weights are verified against the adapter on its
+4-bit base, one decoder layer at a time (verify.py), also running them in fp16 for an fp16
+export to catch activations fp16 cannot hold. The output folder is published atomically (a
+temporary sibling renamed at the end, atomic.py): a crash, a kill or a failed check leaves no
+half-written export and never touches an existing one; the next export cleans up after a
+killed one. Next to the weights, `qlora_export.json` records the source, the settings, the
+verification and the training data format (so `qlora generate` prompts the model as trained).
 """
 
 from __future__ import annotations
@@ -44,35 +55,32 @@ import re
 import shutil
 import struct
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import quant
-from .adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter_config, scaling_of
+from .adapter import CONFIG_NAME, AdapterFactors, Delta, read_adapter_config
 from .atomic import write_atomically
+from .base_checkpoint import BaseCheckpoint, BaseTensor
+from .dtypes import SAFETENSORS_CODES, dtype_name, dtype_named
 from .errors import QloraError
 from .lora import merged_weight
-from .model import DTYPES as COMPUTE_DTYPES
-from .model import resolve_model_path, target_linears
-from .safetensors_io import DTYPES as ST_DTYPES
-from .safetensors_io import INDEX_NAME, SINGLE_NAME, checkpoint_files, read_header, read_tensor
+from .memory import release_freed_memory
+from .model import build_skeleton, resolve_device
+from .resolve import EXPORT_INFO, ModelSource, checkpoints, resolve
+from .safetensors_io import INDEX_NAME, SINGLE_NAME
+from .verify import FP16_MAX, VERIFY_RTOL, verify_folder
 
 log = logging.getLogger(__name__)
 
-OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16,
-              "float16": torch.float16, "bfloat16": torch.bfloat16}
 MERGE_INTO = ("dequantized", "original")
-FP16_MAX = 65504.0
+OUT_DTYPES = ("float16", "bfloat16")  # names in dtypes.DTYPES; fp16/bf16 on the command line
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "chat_template.jinja", "chat_template.json")
-# Verification tolerance, relative to the largest |logit| (see verify_export for why 2%).
-VERIFY_RTOL = 0.02
-VERIFY_PROMPTS = 3
-VERIFY_TOKENS = 32
-_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -95,80 +103,9 @@ def parse_size(size: str | int) -> int:
 # --------------------------------------------------------------------------- the source
 
 
-@dataclass
-class Source:
-    """Everything `export` needs to know about where the weights come from."""
-    adapter_dir: Path
-    base: Path
-    tokenizer: str
-    quantization: str
-    double_quant: bool
-    compute_dtype: torch.dtype
-    settings_from: str  # "recipe", "default", "arguments", "recipe+arguments"... (for the report)
-
-
-def resolve_source(source: str | Path, *, base=None, quantization=None, double_quant=None,
-                   compute_dtype=None) -> Source:
-    """Find the adapter, the base model and the quantization settings training used."""
-    path = Path(source).expanduser()
-    recipe = None
-    if (path / "recipe.yaml").is_file() and not (path / CONFIG_NAME).is_file():  # a run dir
-        adapter_dir = path / "adapter"
-        if not (adapter_dir / CONFIG_NAME).is_file():
-            ckpts = sorted(p.name for p in path.glob("checkpoint-*") if (p / CONFIG_NAME).is_file())
-            hint = f"; export a checkpoint instead, e.g. {path / ckpts[-1]}" if ckpts else ""
-            raise QloraError(f"{path}: run has no final adapter ({adapter_dir.name}/{CONFIG_NAME} "
-                             f"missing){hint}")
-        recipe = path / "recipe.yaml"
-    elif (path / CONFIG_NAME).is_file():  # an adapter or checkpoint-N folder
-        adapter_dir = path
-        if (path.parent / "recipe.yaml").is_file():  # RUN/adapter or RUN/checkpoint-N
-            recipe = path.parent / "recipe.yaml"
-    elif (path / "adapter" / CONFIG_NAME).is_file():
-        adapter_dir = path / "adapter"
-    else:
-        raise QloraError(f"{source}: not a run, checkpoint or adapter directory "
-                         f"(no recipe.yaml or {CONFIG_NAME})")
-
-    _, cfg = read_adapter_config(adapter_dir)
-    model_cfg = None
-    if recipe is not None:
-        from .config import load_recipe
-        model_cfg = load_recipe(recipe).model
-    base_name = base or (model_cfg.name_or_path if model_cfg else None) \
-        or cfg.get("base_model_name_or_path")
-    if not base_name:
-        raise QloraError(f"{adapter_dir / CONFIG_NAME}: base_model_name_or_path is empty; "
-                         "pass the base model (--base)")
-    base_path = resolve_model_path(base_name)
-    # The recipe's tokenizer when it names one of its own (it defaults to the base model).
-    own_tokenizer = model_cfg and model_cfg.tokenizer != model_cfg.name_or_path
-    tokenizer = model_cfg.tokenizer if own_tokenizer else str(base_path)
-
-    q = quantization or (model_cfg.quantization if model_cfg else "nf4")
-    if q not in (*quant.QUANT_TYPES, "none"):
-        raise QloraError(f"quantization: expected nf4, fp4 or none, got {q!r}")
-    dq = double_quant if double_quant is not None else (model_cfg.double_quant if model_cfg else True)
-    cd = compute_dtype or (model_cfg.compute_dtype if model_cfg else "bfloat16")
-    if isinstance(cd, str):
-        if cd not in COMPUTE_DTYPES:
-            raise QloraError(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {cd!r}")
-        cd = COMPUTE_DTYPES[cd]
-    given = (quantization, double_quant, compute_dtype)
-    origin = "arguments" if all(v is not None for v in given) else (
-        ("recipe" if model_cfg else "default") + ("+arguments" if any(v is not None for v in given) else ""))
-    return Source(adapter_dir, base_path, tokenizer, q, bool(dq), cd, origin)
-
-
-@dataclass
-class Delta:
-    A: torch.Tensor  # (r, in)
-    B: torch.Tensor  # (out, r)
-
-
-def read_adapter_deltas(adapter_dir: Path) -> tuple[dict[str, Delta], float]:
-    """{checkpoint tensor name (`X.weight`): LoRA factors}, and the scaling."""
-    from safetensors.torch import load_file
+def read_adapter_deltas(adapter_dir: Path) -> tuple[AdapterFactors, float]:
+    """{checkpoint tensor name (`X.weight`): LoRA factors, read on demand}, and the scaling.
+    Refuses adapter features a plain merge cannot express."""
     settings, cfg = read_adapter_config(adapter_dir)
     cfg_path = adapter_dir / CONFIG_NAME
     for key in ("rank_pattern", "alpha_pattern"):
@@ -180,23 +117,7 @@ def read_adapter_deltas(adapter_dir: Path) -> tuple[dict[str, Delta], float]:
         raise QloraError(f"{cfg_path}: modules_to_save is not supported by export")
     if cfg.get("bias", "none") != "none":
         raise QloraError(f"{cfg_path}: bias={cfg['bias']!r} is not supported by export (only 'none')")
-    weights = adapter_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        raise QloraError(f"{adapter_dir}: missing {WEIGHTS_NAME}")
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(weights)).items():
-        k = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        m = re.fullmatch(re.escape(PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight", k)
-        if not m:
-            raise QloraError(f"{weights}: unexpected tensor {key}")
-        factors.setdefault(m.group(1) + ".weight", {})[m.group(2)] = value
-    deltas = {}
-    for name, ab in factors.items():
-        if set(ab) != {"lora_A", "lora_B"}:
-            missing = ({"lora_A", "lora_B"} - set(ab)).pop()
-            raise QloraError(f"{weights}: no {missing} tensor for {name[:-len('.weight')]}")
-        deltas[name] = Delta(ab["lora_A"], ab["lora_B"])
-    return deltas, scaling_of(settings)
+    return AdapterFactors(adapter_dir), settings.scaling
 
 
 def quantized_weight_names(base: Path, quantization: str) -> set[str]:
@@ -204,15 +125,7 @@ def quantized_weight_names(base: Path, quantization: str) -> set[str]:
     on a meta-device skeleton (no memory), exactly as `load_model` finds them."""
     if quantization == "none":
         return set()
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-    try:
-        config = AutoConfig.from_pretrained(base)
-        with init_empty_weights(include_buffers=True):
-            skeleton = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-        raise QloraError(f"{base}: cannot build the model skeleton ({str(e).splitlines()[0]})") from None
-    return {name + ".weight" for name in target_linears(skeleton)}
+    return build_skeleton(base, quantization)[1]
 
 
 # --------------------------------------------------------------------------- the plan
@@ -221,9 +134,6 @@ def quantized_weight_names(base: Path, quantization: str) -> set[str]:
 @dataclass
 class Item:
     name: str
-    file: Path
-    entry: dict  # the source safetensors header entry
-    data_start: int
     dtype: torch.dtype  # output dtype
     shape: list[int]
     nbytes: int
@@ -235,29 +145,20 @@ class Shard:
     nbytes: int = 0
 
 
-def plan_shards(files: list[Path], out_dtype: torch.dtype, max_bytes: int) -> list[Shard]:
-    """Assign every checkpoint tensor, in on-disk order, to an output shard (from headers).
+def plan_shards(entries: list[BaseTensor], out_dtype: torch.dtype, max_bytes: int) -> list[Shard]:
+    """Assign every base tensor, in on-disk order, to an output shard (from headers).
 
     Greedy like transformers: a shard closes when the next tensor would take it past
     `max_bytes`; a tensor larger than that gets a shard of its own.
     """
     shards = [Shard()]
-    seen: dict[str, Path] = {}
-    for path in files:
-        header, data_start = read_header(path)
-        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if name in seen:
-                raise QloraError(f"{path}: tensor {name} also appears in {seen[name].name}")
-            seen[name] = path
-            src = ST_DTYPES.get(entry["dtype"])
-            if src is None:
-                raise QloraError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-            dtype = out_dtype if src.is_floating_point else src
-            nbytes = math.prod(entry["shape"]) * dtype.itemsize
-            if shards[-1].items and shards[-1].nbytes + nbytes > max_bytes:
-                shards.append(Shard())
-            shards[-1].items.append(Item(name, path, entry, data_start, dtype, list(entry["shape"]), nbytes))
-            shards[-1].nbytes += nbytes
+    for t in entries:
+        dtype = out_dtype if t.dtype.is_floating_point else t.dtype
+        nbytes = math.prod(t.shape) * dtype.itemsize
+        if shards[-1].items and shards[-1].nbytes + nbytes > max_bytes:
+            shards.append(Shard())
+        shards[-1].items.append(Item(t.name, dtype, list(t.shape), nbytes))
+        shards[-1].nbytes += nbytes
     return shards
 
 
@@ -270,7 +171,7 @@ def shard_names(n: int) -> list[str]:
 def _header_bytes(items: list[Item]) -> bytes:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for it in items:
-        header[it.name] = {"dtype": _ST_NAMES[it.dtype], "shape": it.shape,
+        header[it.name] = {"dtype": SAFETENSORS_CODES[it.dtype], "shape": it.shape,
                            "data_offsets": [offset, offset + it.nbytes]}
         offset += it.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -283,15 +184,18 @@ def _header_bytes(items: list[Item]) -> bytes:
 
 @dataclass
 class Merger:
-    """Turns one checkpoint tensor into its exported value."""
+    """Turns one checkpoint tensor into its exported value: `merger(name, tensor)`, on the
+    CPU in and out; the work happens on `device`."""
     out_dtype: torch.dtype
     merge_into: str
     quantized: set[str]
-    deltas: dict[str, Delta]
+    deltas: Mapping[str, Delta]
     scaling: float
     quantization: str
     double_quant: bool
     compute_dtype: torch.dtype
+    device: torch.device = torch.device("cpu")
+    prequantized: bool = False  # the base's 4-bit linears arrive dequantized (base_checkpoint.py)
     merged: int = 0
     dequantized: int = 0
 
@@ -300,18 +204,23 @@ class Merger:
             return w
         delta = self.deltas.get(name)
         if self.merge_into == "dequantized":
-            if name in self.quantized:
-                w = quant.nf4_roundtrip(w, self.quantization, self.double_quant, self.compute_dtype)
+            if name in self.quantized and self.prequantized:
+                self.dequantized += 1  # already exactly what training multiplied by
+            elif name in self.quantized:
+                # the 4-bit round trip on the device training ran on is what training saw
+                w = quant.nf4_roundtrip(w, self.quantization, self.double_quant, self.compute_dtype,
+                                        device=self.device)
                 self.dequantized += 1
-            elif delta is not None:  # an adapted 16-bit layer (quantization "none")
+            else:  # embeddings, norms, head, 16-bit layers: training saw their compute-dtype copy
                 w = w.to(self.compute_dtype)
         if delta is not None:
             self._check_shapes(name, w, delta)
-            w = merged_weight(w, delta.A, delta.B, self.scaling, torch.float32)
+            w = merged_weight(w.to(self.device), delta.A.to(self.device), delta.B.to(self.device),
+                              self.scaling, torch.float32)
             self.merged += 1
         if self.out_dtype == torch.float16:
             check_fp16_range(name, w)
-        return w.to(self.out_dtype)
+        return w.to(self.out_dtype).cpu()
 
     @staticmethod
     def _check_shapes(name, w, d) -> None:
@@ -332,35 +241,27 @@ def check_fp16_range(name: str, w: torch.Tensor) -> None:
                          "export with --dtype bf16 instead")
 
 
-def write_shards(tmp: Path, shards: list[Shard], merger: Merger) -> list[str]:
+def write_shards(tmp: Path, shards: list[Shard], base: BaseCheckpoint, merger: Merger) -> list[str]:
     """Stream every tensor from the base checkpoint through `merger` into its shard file.
 
     Only the tensor being worked on is in memory: each shard's header is known from the
     plan, so tensors are appended to the open file as they are produced.
     """
     names = shard_names(len(shards))
-    handles: dict[Path, object] = {}
-    try:
-        for shard, fname in zip(shards, names):
-            with open(tmp / fname, "wb") as out:
-                out.write(_header_bytes(shard.items))
-                for it in shard.items:
-                    f = handles.get(it.file)
-                    if f is None:
-                        for old in handles.values():
-                            old.close()  # on-disk order: a finished source file is done with
-                        handles = {it.file: (f := open(it.file, "rb"))}
-                    value = merger(it.name, read_tensor(f, it.entry, it.data_start, it.file, it.name))
-                    value = value.contiguous()
-                    if value.dtype != it.dtype or list(value.shape) != it.shape:
-                        raise AssertionError(f"{it.name}: produced {value.dtype} {tuple(value.shape)}")
-                    if it.nbytes:
-                        out.write(memoryview(value.view(-1).view(torch.uint8).numpy()))
-                    del value
-            log.info("wrote %s (%.1f MB)", fname, shard.nbytes / 1e6)
-    finally:
-        for f in handles.values():
-            f.close()
+    for shard, fname in zip(shards, names):
+        with open(tmp / fname, "wb") as out:
+            out.write(_header_bytes(shard.items))
+            for it in shard.items:
+                value = merger(it.name, base(it.name, merger.device)).contiguous()
+                if value.dtype != it.dtype or list(value.shape) != it.shape:
+                    raise AssertionError(f"{it.name}: produced {value.dtype} {tuple(value.shape)}")
+                if it.nbytes:
+                    out.write(memoryview(value.view(-1).view(torch.uint8).numpy()))
+                del value
+                # The round trip's temporaries leave freed holes glibc keeps unless asked:
+                # the heap grew with every tensor written (benchmarks/README.md, "Export at scale").
+                release_freed_memory()
+        log.info("wrote %s (%.1f MB)", fname, shard.nbytes / 1e6)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
                  "weight_map": {it.name: fname for s, fname in zip(shards, names) for it in s.items}}
@@ -377,7 +278,7 @@ def write_config(base: Path, tmp: Path, out_dtype: torch.dtype) -> None:
     except json.JSONDecodeError as e:
         raise QloraError(f"{base / 'config.json'}: invalid JSON ({e})") from None
     cfg.pop("quantization_config", None)
-    name = str(out_dtype).removeprefix("torch.")
+    name = dtype_name(out_dtype)
     cfg["dtype"] = name
     if "torch_dtype" in cfg:  # older configs: keep the field their readers look for in sync
         cfg["torch_dtype"] = name
@@ -404,66 +305,6 @@ def copy_side_files(base: Path, tokenizer: str, tmp: Path) -> list[str]:
     return copied
 
 
-# --------------------------------------------------------------------------- verification
-
-
-def verify_export(folder: Path, src: Source, tolerance_rtol: float | None) -> dict:
-    """Logits of the exported model (fp32) vs the adapter on its quantized base, on a few
-    fixed token sequences. Raises QloraError when `tolerance_rtol` is set and exceeded.
-
-    The reference is the model training optimized: the 4-bit base exactly as `load_model`
-    builds it, plus the saved LoRA factors. It is run twice: as it runs for `qlora generate`
-    (activations in the compute dtype, reported as `max_logit_diff_compute_dtype`) and with
-    every value upcast exactly to fp32 (`max_logit_diff`, the one that is enforced). The fp32
-    run removes bf16 activation rounding, which alone moves a small model's logits by ~1-2%
-    of their scale (`compute_dtype_noise`), so what remains is the export's own error: one
-    rounding of each weight to fp16/bf16 (< 1% of the logit scale in our tests), while a wrong
-    merge (no delta, scaling off by 10%, an unrelated base) moves them by 5% to 40%.
-    """
-    from transformers import AutoModelForCausalLM
-    from .adapter import load_adapter
-    from .model import load_model
-    ref = load_model(src.base, quantization=src.quantization, double_quant=src.double_quant,
-                     compute_dtype=src.compute_dtype, device="cpu")
-    load_adapter(ref, src.adapter_dir)
-    ref.eval()  # dropout off; QuantLinear keeps bitsandbytes off its CPU eval repack
-    vocab = ref.get_input_embeddings().weight.shape[0]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (VERIFY_PROMPTS, VERIFY_TOKENS), generator=g)
-    with torch.no_grad():
-        as_run = ref(ids).logits.float()
-        want = upcast_activations(ref)(ids).logits.float()
-    del ref
-    exported = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = exported(ids).logits.float()
-    del exported
-    diff = (got - want).abs().max().item()
-    scale = want.abs().max().item()
-    result = {"max_logit_diff": diff, "max_abs_logit": scale,
-              "logit_tolerance": None if tolerance_rtol is None else tolerance_rtol * scale,
-              "max_logit_diff_compute_dtype": (got - as_run).abs().max().item(),
-              "compute_dtype_noise": (as_run - want).abs().max().item(),
-              "argmax_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}
-    if tolerance_rtol is not None and not diff <= tolerance_rtol * scale:
-        raise QloraError(f"{src.adapter_dir}: verification failed: exported logits differ from "
-                         f"the adapter on its {src.quantization} base by {diff:.4g} "
-                         f"(> {tolerance_rtol:.0%} of max |logit| {scale:.4g}); nothing was written")
-    return result
-
-
-def upcast_activations(model: torch.nn.Module) -> torch.nn.Module:
-    """Run `model` in fp32 without changing a single weight value (in place): 4-bit layers
-    dequantize as before but compute in fp32; every other parameter is upcast exactly."""
-    for m in model.modules():
-        if isinstance(m, quant.Linear4bit):
-            m.compute_dtype = torch.float32
-    for p in model.parameters():
-        if not isinstance(p, quant.Params4bit) and p.is_floating_point():
-            p.data = p.data.float()
-    return model
-
-
 # --------------------------------------------------------------------------- export
 
 
@@ -471,7 +312,7 @@ def export(source: str | Path, out: str | Path, *, dtype: str = "fp16",
            merge_into: str = "dequantized", max_shard_size: str | int = "5GB",
            force: bool = False, verify: bool = True, base: str | Path | None = None,
            quantization: str | None = None, double_quant: bool | None = None,
-           compute_dtype: str | torch.dtype | None = None) -> dict:
+           compute_dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> dict:
     """Merge the adapter of `source` (run, checkpoint or adapter folder) into its base and
     write a standalone Hugging Face model to `out`. Returns a report dict.
 
@@ -479,66 +320,116 @@ def export(source: str | Path, out: str | Path, *, dtype: str = "fp16",
     (default; the model training saw, see the module docstring) or "original" (the
     full-precision base; differs from what training saw by the quantization error).
     `max_shard_size`: "5GB", "200MB", ... per safetensors shard. `force`: replace a non-empty
-    `out` (only once the new export is complete). `verify`: compare logits against the
-    adapter on its quantized base before publishing (needs both models in memory, ~4 bytes
-    per parameter for the exported one; turn off for models that do not fit). `base`,
-    `quantization`, `double_quant`, `compute_dtype` override the run's recipe (an adapter
-    folder without a recipe defaults to nf4, double quant, bfloat16, as training does).
+    `out` (only once the new export is complete). `verify`: compare the written weights with
+    the adapter on its quantized base, one decoder layer at a time (verify.py), before
+    publishing. `base`, `quantization`, `double_quant`, `compute_dtype` override the run's
+    recipe (an adapter folder without a recipe defaults to nf4, double quant, bfloat16, as
+    training does). `device`: where the 4-bit round trip, the merge and the verification run
+    (default: CUDA when available).
     """
     t0 = time.perf_counter()
-    if dtype not in OUT_DTYPES:
-        raise QloraError(f"dtype: expected fp16 or bf16, got {dtype!r}")
+    out_dtype = dtype_named(dtype, "dtype", OUT_DTYPES)
     if merge_into not in MERGE_INTO:
         raise QloraError(f"merge_into: expected dequantized or original, got {merge_into!r}")
-    out_dtype = OUT_DTYPES[dtype]
     max_bytes = parse_size(max_shard_size)
+    device = resolve_device(device)
     out = Path(out).expanduser()
     _check_out(out, force)
-    src = resolve_source(source, base=base, quantization=quantization,
-                         double_quant=double_quant, compute_dtype=compute_dtype)
-    for p in (src.base, src.adapter_dir):
+    src = adapter_source(source, base=base, quantization=quantization, double_quant=double_quant,
+                          compute_dtype=compute_dtype)
+    for p in (src.model, src.adapter):
         r, o = p.resolve(), out.resolve()
         if o == r or o in r.parents:
             raise QloraError(f"{out}: output folder would replace its own input {p}")
 
-    files = checkpoint_files(src.base)
-    if not files:
-        raise QloraError(f"{src.base}: export needs safetensors weights (found none); "
-                         "convert the checkpoint to safetensors first")
-    deltas, scaling = read_adapter_deltas(src.adapter_dir)
-    shards = plan_shards(files, out_dtype, max_bytes)
+    base_ckpt = open_base(src, merge_into)
+    deltas, scaling = read_adapter_deltas(src.adapter)
+    shards = plan_shards(base_ckpt.entries, out_dtype, max_bytes)
     planned = {it.name for s in shards for it in s.items}
     missing = sorted(set(deltas) - planned)
     if missing:
-        raise QloraError(f"{src.adapter_dir}: adapter module {missing[0][:-len('.weight')]} has no "
-                         f"weight {missing[0]} in {src.base}" +
+        raise QloraError(f"{src.adapter}: adapter module {missing[0][:-len('.weight')]} has no "
+                         f"weight {missing[0]} in {src.model}" +
                          (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    merger = Merger(out_dtype, merge_into, quantized_weight_names(src.base, src.quantization),
-                    deltas, scaling, src.quantization, src.double_quant, src.compute_dtype)
-    report: dict = {}
+    merger = make_merger(src, base_ckpt, out_dtype, merge_into, deltas, scaling, device)
+    report: dict = {"max_logit_diff": None, "base_prequantized": base_ckpt.prequantized is not None}
 
     def write(tmp: Path) -> None:
-        side = copy_side_files(src.base, src.tokenizer, tmp)  # first: a bad tokenizer fails fast
-        write_config(src.base, tmp, out_dtype)
-        names = write_shards(tmp, shards, merger)
+        side = copy_side_files(src.model, src.tokenizer, tmp)  # first: a bad tokenizer fails fast
+        write_config(src.model, tmp, out_dtype)
+        names = write_shards(tmp, shards, base_ckpt, merger)
         report.update(files=names + ([INDEX_NAME] if len(names) > 1 else []) + ["config.json"] + side)
         if verify:
-            report.update(verify_export(tmp, src, VERIFY_RTOL if merge_into == "dequantized" else None))
+            report.update(verify_folder(src, tmp, out_dtype, device=device,
+                                        rtol=VERIFY_RTOL if merge_into == "dequantized" else None))
+        (tmp / EXPORT_INFO).write_text(json.dumps(_export_info(src, dtype, merge_into, report), indent=2) + "\n")
 
     write_atomically(out, write)
+    q = src.quant
     return {
-        "out": str(out), "dtype": dtype, "merge_into": merge_into,
-        "base": str(src.base), "adapter": str(src.adapter_dir),
-        "quantization": src.quantization, "double_quant": src.double_quant,
-        "compute_dtype": str(src.compute_dtype).removeprefix("torch."),
+        "out": str(out), "dtype": dtype, "merge_into": merge_into, "device": str(device),
+        "base": src.model_id, "adapter": str(src.adapter),
+        "quantization": q.quantization, "double_quant": q.double_quant,
+        "compute_dtype": dtype_name(q.compute_dtype),
         "quantization_settings_from": src.settings_from,
         "shards": len(shards), "largest_shard_bytes": max(s.nbytes for s in shards),
         "total_size": sum(s.nbytes for s in shards),
         "tensors": len(planned), "tensors_merged": merger.merged,
-        "tensors_dequantized": merger.dequantized, "scaling": scaling,
-        "max_logit_diff": report.pop("max_logit_diff", None), **report,
+        "tensors_dequantized": merger.dequantized, "scaling": scaling, **report,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def adapter_source(source, **overrides) -> ModelSource:
+    """`resolve(source)`, which must hold an adapter: a run's final one, or a checkpoint named
+    explicitly (a model to ship from a run that did not finish is the user's call)."""
+    src = resolve(source, **overrides)
+    if src.adapter is None:
+        raise QloraError(f"{source}: a full model, not a run, checkpoint or adapter directory: "
+                         "nothing to merge")
+    if not src.final:
+        ckpts = checkpoints(src.path)
+        raise QloraError(f"{src.path}: run has no final adapter (adapter/{CONFIG_NAME} missing); "
+                         f"export a checkpoint instead, e.g. {ckpts[-1]}")
+    return src
+
+
+def open_base(src: ModelSource, merge_into: str) -> BaseCheckpoint:
+    """The base checkpoint under `src`'s adapter, read as training saw it. A pre-quantized
+    4-bit base has no original 16-bit weights (so no `merge_into="original"`), and its
+    4-bit format must be the one the adapter was trained on."""
+    base = BaseCheckpoint(src.model, src.quant.compute_dtype)
+    pre = base.prequantized
+    if pre is None:
+        return base
+    if merge_into == "original":
+        raise QloraError(f"{src.model}: a pre-quantized {pre.quant_type} checkpoint holds no original "
+                         "16-bit weights to merge into; merge into the dequantized ones (the default, "
+                         "what training saw) or pass the 16-bit original with --base")
+    from .model import check_matches
+    check_matches(src.model, pre, src.quant.quantization, src.quant.double_quant)
+    return base
+
+
+def make_merger(src: ModelSource, base: BaseCheckpoint, out_dtype: torch.dtype, merge_into: str,
+                deltas, scaling: float, device: torch.device) -> Merger:
+    """The Merger for `src`'s adapter on `base` (export and GGUF export)."""
+    q = src.quant
+    quantized = set(base.packed) if base.prequantized else quantized_weight_names(src.model, q.quantization)
+    return Merger(out_dtype, merge_into, quantized, deltas, scaling, q.quantization, q.double_quant,
+                  q.compute_dtype, device, prequantized=base.prequantized is not None)
+
+
+def _export_info(src: ModelSource, dtype: str, merge_into: str, report: dict) -> dict:
+    """What `qlora_export.json` records: where the export came from, how it was made and
+    checked, and the training data format (so `qlora generate` prompts it as trained)."""
+    verification = {k: report[k] for k in ("relative_error", "tolerance", "worst_layer",
+                                           "max_logit_diff", "fp16_max_activation") if k in report}
+    return {"base": src.model_id, "adapter": str(src.adapter), "dtype": dtype, "merge_into": merge_into,
+            "base_prequantized": report.get("base_prequantized", False),
+            "quantization": src.quant.quantization, "double_quant": src.quant.double_quant,
+            "compute_dtype": dtype_name(src.quant.compute_dtype), "data_format": src.data_format,
+            "verification": verification or None}
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -1,35 +1,66 @@
-"""Text generation from a base + adapter, a run directory, or an exported model."""
+"""Text generation from a run, a checkpoint, an adapter or a full model.
+
+Prompts are rendered the way the run's training data was (`prompt_style`): an Alpaca run
+sees the Alpaca template, a chat run the tokenizer's chat template (or the Guanaco-style
+default training used without one), a text or prompt/completion run the text as is. A
+model trained on Alpaca rows and prompted through a chat template would see a system
+prompt and markers it never saw.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
 from .errors import QloraError
 
+PROMPT_STYLES = ("alpaca", "chat", "raw")
+# data.format -> how a prompt is rendered for a model trained on it
+STYLE_OF_FORMAT = {"alpaca": "alpaca", "guanaco": "chat", "messages": "chat", "sharegpt": "chat",
+                   "prompt_completion": "raw", "text": "raw"}
 
-def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> torch.Tensor:
-    """Token ids (1, T) for a prompt; through the chat template when the tokenizer has one
-    (or when `chat=True`), else as plain text with the tokenizer's BOS."""
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
-    if use_chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise QloraError("--chat: this tokenizer has no chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has BOS
-    else:
-        ids = tokenizer(prompt)["input_ids"]
-    return torch.tensor([ids], dtype=torch.long)
+
+def prompt_style(data_format: str | None, tokenizer) -> str:
+    """The prompt rendering for a model trained on `data_format`. Unknown (a base model, an
+    adapter without its run): the chat template when the tokenizer has one, else raw."""
+    if data_format in STYLE_OF_FORMAT:
+        return STYLE_OF_FORMAT[data_format]
+    return "chat" if getattr(tokenizer, "chat_template", None) else "raw"
+
+
+def render_prompt(tokenizer, prompt: str, style: str) -> str:
+    """`prompt` as the text training put before an answer, in `style` (see PROMPT_STYLES)."""
+    from .data import ALPACA_PROMPT_NO_INPUT, DEFAULT_CHAT_TEMPLATE
+    if style == "alpaca":
+        return ALPACA_PROMPT_NO_INPUT.format(instruction=prompt)
+    if style == "chat":
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                 tokenize=False, add_generation_prompt=True)
+        # Training's default chat rendering. Its trailing space is left out: in training the
+        # answer's first token carries it ("▁Hello"), so a prompt ending in a lone space
+        # token would be one the model never saw.
+        return DEFAULT_CHAT_TEMPLATE["user"] + prompt + "\n" + DEFAULT_CHAT_TEMPLATE["assistant"].rstrip(" ")
+    if style == "raw":
+        return prompt
+    raise QloraError(f"prompt style: expected one of {', '.join(PROMPT_STYLES)}, got {style!r}")
+
+
+def encode_prompt(tokenizer, prompt: str, style: str) -> torch.Tensor:
+    """Token ids (1, T) of the rendered prompt, with BOS exactly where training had it."""
+    from .data import encode_with_bos
+    return torch.tensor([encode_with_bos(tokenizer, render_prompt(tokenizer, prompt, style))], dtype=torch.long)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, chat: bool | None = None, stream: bool = False, seed: int = 0) -> str:
-    """Greedy when temperature == 0, else nucleus sampling. Returns only the new text."""
+             top_p: float = 1.0, style: str | None = None, stream: bool = False, seed: int = 0) -> str:
+    """Greedy when temperature == 0, else nucleus sampling. Returns only the new text.
+
+    `style`: how the prompt is rendered (PROMPT_STYLES); None = `prompt_style(None, tokenizer)`.
+    """
     from transformers import TextStreamer
-    ids = encode_prompt(tokenizer, prompt, chat).to(next(model.parameters()).device)
+    ids = encode_prompt(tokenizer, prompt, style or prompt_style(None, tokenizer))
+    ids = ids.to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     sample = temperature > 0
@@ -61,44 +92,27 @@ def _end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
-def load_for_generation(target: str | Path, *, base: str | None = None, device=None):
-    """(model, tokenizer) for a run directory, an adapter folder, or a full model folder."""
-    from .adapter import CONFIG_NAME, load_adapter, read_adapter_config
-    from .model import load_model, load_tokenizer
-    path = Path(target)
-    adapter_dir = None
-    if (path / "adapter" / CONFIG_NAME).is_file():  # a finished run directory
-        adapter_dir = path / "adapter"
-    elif (path / CONFIG_NAME).is_file():
-        adapter_dir = path
-    if adapter_dir is None:
-        if not (path / "config.json").is_file():
-            raise QloraError(f"{target}: not a model, adapter or run directory")
+def load_resolved(src, device: str | torch.device | None = None):
+    """(model, tokenizer) in eval mode for a `resolve.ModelSource`: the adapter on its base
+    quantized (and offloaded, see resolve.Placement) exactly as in training, or a full model
+    in its own dtype, on `device` (default: CUDA when available)."""
+    from .adapter import load_adapter
+    from .model import load_model, load_tokenizer, resolve_device
+    device = resolve_device(device)
+    if src.adapter is None:
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device or "cpu")
-        return model.eval(), load_tokenizer(path)
-    _, cfg = read_adapter_config(adapter_dir)
-    base = base or cfg.get("base_model_name_or_path")
-    if not base:
-        raise QloraError(f"{adapter_dir}: adapter names no base model; pass --base")
-    quantization = _run_quantization(path) or "nf4"
-    model = load_adapter(load_model(base, quantization=quantization, device=device), adapter_dir)
-    return model.eval(), load_tokenizer(_run_tokenizer(path) or base)
+        # straight onto the device: a 7B fp16 model is 13.5 GB the host need not hold first
+        model = AutoModelForCausalLM.from_pretrained(src.model, dtype="auto", device_map=str(device))
+    else:
+        q, p = src.quant, src.placement
+        model = load_adapter(load_model(src.model, quantization=q.quantization, double_quant=q.double_quant,
+                                        compute_dtype=q.compute_dtype, device=device, offload=p.offload,
+                                        offload_dir=p.offload_dir, resident_layers=p.resident_layers,
+                                        cache_dir=p.cache_dir), src.adapter)
+    return model.eval(), load_tokenizer(src.tokenizer)
 
 
-def _run_recipe(path: Path):
-    from .config import load_recipe
-    for candidate in (path / "recipe.yaml", path.parent / "recipe.yaml"):
-        if candidate.is_file():
-            return load_recipe(candidate)
-    return None
-
-
-def _run_quantization(path: Path) -> str | None:
-    recipe = _run_recipe(path)
-    return recipe.model.quantization if recipe else None
-
-
-def _run_tokenizer(path: Path) -> str | None:
-    recipe = _run_recipe(path)
-    return (recipe.model.tokenizer or recipe.model.name_or_path) if recipe else None
+def load_for_generation(target, *, base: str | None = None, device=None):
+    """(model, tokenizer) for a run, checkpoint, adapter or model folder (see resolve.py)."""
+    from .resolve import resolve
+    return load_resolved(resolve(target, base=base), device)

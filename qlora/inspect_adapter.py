@@ -30,11 +30,12 @@ from .adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from .atomic import write_atomically
 from .checkpoint import latest_checkpoint
 from .errors import QloraError
-from .export import (Delta, Source, _check_out, quantized_weight_names, read_adapter_deltas,
-                     resolve_source)
+from .adapter import Delta
+from .base_checkpoint import BaseCheckpoint
+from .export import _check_out, open_base, quantized_weight_names, read_adapter_deltas
+from .resolve import ModelSource, locate_adapter, resolve
 from .rank_analysis import (delta_singular_values, effective_rank, frobenius_norm,
                             subspace_similarity, threshold_rank)
-from .safetensors_io import checkpoint_files, read_header, read_tensor, tensor_names
 
 BASE_WEIGHTS = ("dequantized", "original")
 
@@ -44,21 +45,22 @@ BASE_WEIGHTS = ("dequantized", "original")
 
 def find_adapter(path: str | Path) -> Path:
     """The adapter folder that `path` names: an adapter or checkpoint folder itself, or a run
-    directory's final adapter (RUN/adapter). export.resolve_source applies the same rules; the
-    one shared resolver (issue #12) replaces this function."""
+    directory's final adapter (RUN/adapter), found as export, generate and eval find it
+    (`resolve.locate_adapter`). A run that did not finish is an error naming its latest
+    checkpoint: what an unfinished run learned is the user's pick."""
     p = Path(path).expanduser()
-    if (p / CONFIG_NAME).is_file():
-        return p
-    if (p / "adapter" / CONFIG_NAME).is_file():
-        return p / "adapter"
     if not p.is_dir():
         raise QloraError(f"{path}: no such folder")
-    if (p / "recipe.yaml").is_file():
+    if (p / "recipe.yaml").is_file() and not (p / CONFIG_NAME).is_file() \
+            and not (p / "adapter" / CONFIG_NAME).is_file():
         ckpt = latest_checkpoint(p)
         hint = f"; inspect a checkpoint instead, e.g. {ckpt}" if ckpt else ""
         raise QloraError(f"{path}: run has no final adapter (adapter/{CONFIG_NAME} missing){hint}")
-    raise QloraError(f"{path}: not a run, checkpoint or adapter directory "
-                     f"(no recipe.yaml or {CONFIG_NAME})")
+    found = locate_adapter(p)
+    if found is None:
+        raise QloraError(f"{path}: not a run, checkpoint or adapter directory "
+                         f"(no recipe.yaml or {CONFIG_NAME})")
+    return found.adapter
 
 
 @dataclass
@@ -73,7 +75,7 @@ class Adapter:
     alpha: float
     """lora_alpha from adapter_config.json."""
     scaling: float
-    """ΔW = scaling·B·A (adapter.scaling_of: alpha/r, or alpha/sqrt(r) with rsLoRA)."""
+    """ΔW = scaling·B·A (LoraConfig.scaling: alpha/r, or alpha/sqrt(r) with rsLoRA)."""
     deltas: dict[str, Delta]
     """{PEFT module name: its factors}."""
 
@@ -137,56 +139,53 @@ def base_norms(adapters: list[tuple[Adapter, list[str]]], base: str,
     other adapted layers cast to the compute dtype. "original": the checkpoint tensor as stored.
     Adapters that see the base the same way share one pass over it.
     """
-    srcs = [resolve_source(a.arg, base=base) for a, _ in adapters]
+    srcs = [resolve(a.folder, base=base) for a, _ in adapters]
 
-    def view(src: Source) -> tuple:
-        settings = (src.quantization, src.double_quant, src.compute_dtype)
-        return (src.base.resolve(), *(settings if base_weights == "dequantized" else ()))
+    def view(src: ModelSource) -> tuple:
+        q = src.quant
+        settings = (q.quantization, q.double_quant, q.compute_dtype)
+        return (src.model.resolve(), *(settings if base_weights == "dequantized" else ()))
 
-    for (a, modules), src in zip(adapters, srcs):  # every mismatch before reading any weight
-        check_base_shapes(a, modules, src.base)
+    bases = [open_base(src, base_weights) for src in srcs]
+    for (a, modules), b in zip(adapters, bases):  # every mismatch before reading any weight
+        check_base_shapes(a, modules, b)
     done: dict[tuple, dict[str, float]] = {}
-    for src in srcs:
+    for src, b in zip(srcs, bases):
         if view(src) not in done:
             need = {m for (_, ms), s in zip(adapters, srcs) if view(s) == view(src) for m in ms}
-            done[view(src)] = weight_norms(src, need, base_weights)
+            done[view(src)] = weight_norms(src, b, need, base_weights)
     return [{m: done[view(src)][m] for m in modules} for (_, modules), src in zip(adapters, srcs)]
 
 
-def check_base_shapes(adapter: Adapter, modules: list[str], base: Path) -> None:
-    """Every module has a weight of shape (out, in) in `base` (safetensors headers only)."""
-    files = checkpoint_files(base)
-    if not files:
-        raise QloraError(f"{base}: needs safetensors weights (found none)")
-    shapes = {name: (path, entry["shape"]) for path in files for name, entry in read_header(path)[0].items()}
+def check_base_shapes(adapter: Adapter, modules: list[str], base: BaseCheckpoint) -> None:
+    """Every module has a weight of shape (out, in) in `base` (headers only)."""
+    shapes = {t.name: t for t in base.entries}
     for module in modules:
-        d, name = adapter.deltas[module], module + ".weight"
+        name = module + ".weight"
         if name not in shapes:
-            raise QloraError(f"{adapter.folder}: module {module} has no weight {name} in {base}")
-        path, shape = shapes[name]
-        if list(shape) != [d.B.shape[0], d.A.shape[1]]:
-            raise QloraError(f"{path}: {name} has shape {tuple(shape)}; {adapter.folder}'s {module} "
+            raise QloraError(f"{adapter.folder}: module {module} has no weight {name} in {base.folder}")
+        d, t = adapter.deltas[module], shapes[name]
+        if list(t.shape) != [d.B.shape[0], d.A.shape[1]]:
+            raise QloraError(f"{t.file}: {name} has shape {tuple(t.shape)}; {adapter.folder}'s {module} "
                              f"is {d.B.shape[0]}x{d.A.shape[1]} (another base model?)")
 
 
-def weight_norms(src: Source, modules: set[str], base_weights: str) -> dict[str, float]:
+def weight_norms(src: ModelSource, base: BaseCheckpoint, modules: set[str], base_weights: str) -> dict[str, float]:
     from . import quant
-    where = tensor_names(checkpoint_files(src.base))
-    quantized = quantized_weight_names(src.base, src.quantization) if base_weights == "dequantized" else set()
-    by_file: dict[Path, list[str]] = {}
-    for module in modules:
-        by_file.setdefault(where[module + ".weight"], []).append(module + ".weight")
+    q = src.quant
+    dequantized = base_weights == "dequantized"
+    quantized = set() if base.prequantized or not dequantized else \
+        quantized_weight_names(src.model, q.quantization)
+    order = {t.name: i for i, t in enumerate(base.entries)}
     norms = {}
-    for path, names in by_file.items():
-        header, data_start = read_header(path)
-        with open(path, "rb") as f:
-            for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):  # on-disk order
-                w = read_tensor(f, header[name], data_start, path, name)  # (out, in)
-                if base_weights == "dequantized":
-                    w = (quant.nf4_roundtrip(w, src.quantization, src.double_quant, src.compute_dtype)
-                         if name in quantized else w.to(src.compute_dtype))
-                norms[name.removesuffix(".weight")] = frobenius_norm(w)
-                del w  # one weight at a time
+    for name in sorted((m + ".weight" for m in modules), key=order.__getitem__):  # on-disk order
+        w = base(name)  # (out, in); a pre-quantized base's linears come dequantized
+        if name in quantized:
+            w = quant.nf4_roundtrip(w, q.quantization, q.double_quant, q.compute_dtype)
+        elif dequantized:
+            w = w.to(q.compute_dtype)
+        norms[name.removesuffix(".weight")] = frobenius_norm(w)
+        del w  # one weight at a time
     return norms
 
 

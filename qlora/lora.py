@@ -10,26 +10,29 @@ saved keys are PEFT's with no renaming table.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .config import LoraConfig
+from .dtypes import dtype_name, dtype_named
 from .model import target_linears
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False, dtype: torch.dtype = torch.bfloat16):
+    """`base_layer` plus the adapter `s` describes (r, scaling, dropout, factor dtype)."""
+
+    def __init__(self, base_layer: nn.Linear, s: LoraConfig):
         super().__init__()
         self.base_layer = base_layer
-        self.r, self.alpha = r, alpha
-        # rsLoRA keeps the update's scale stable as r grows (Kalajdzievski 2023).
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.dropout = dropout
+        self.r, self.scaling, self.dropout = s.r, s.scaling, s.dropout
+        # lora.dtype auto follows the compute dtype this layer runs in (a 4-bit layer's own
+        # compute_dtype; a 16-bit layer's weight dtype): bf16 factors for bf16, else fp32.
+        compute = getattr(base_layer, "compute_dtype", None) or base_layer.weight.dtype
+        dtype = dtype_named(s.resolved_dtype(dtype_name(compute)), "lora.dtype")
         device = base_layer.weight.device
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, dtype=dtype, device=device)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, dtype=dtype, device=device)
+        self.lora_A = nn.Linear(base_layer.in_features, s.r, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(s.r, base_layer.out_features, bias=False, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
@@ -73,18 +76,7 @@ def drop_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(keep, x, 0)
 
 
-@dataclass
-class LoraSettings:
-    """What an adapter is: enough to rebuild it and to write PEFT's adapter_config.json."""
-    r: int = 64
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] | str = "all-linear"
-    rslora: bool = False
-    dtype: torch.dtype = torch.bfloat16
-
-
-def add_lora(model: nn.Module, s: LoraSettings) -> list[str]:
+def add_lora(model: nn.Module, s: LoraConfig) -> list[str]:
     """Wrap every target linear of `model` in a LoRALinear (in place); return the leaf names.
 
     Only the LoRA factors require grad afterwards; everything else is frozen.
@@ -94,8 +86,7 @@ def add_lora(model: nn.Module, s: LoraSettings) -> list[str]:
     linears = target_linears(model, s.targets)
     for name, linear in linears.items():
         parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf,
-                LoRALinear(linear, s.r, s.alpha, s.dropout, s.rslora, s.dtype))
+        setattr(model.get_submodule(parent_name), leaf, LoRALinear(linear, s))
     model.qlora_lora = s
     return sorted({n.rsplit(".", 1)[-1] for n in linears})
 
@@ -120,6 +111,10 @@ def trainable_report(model: nn.Module) -> dict[str, int]:
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                   scaling: float, dtype: torch.dtype) -> torch.Tensor:
-    """`W + scaling * B @ A`, computed in fp32 and cast once at the end (pure function)."""
-    delta = lora_B.float() @ lora_A.float()  # (out, r) @ (r, in) -> (out, in)
-    return (weight.float() + scaling * delta).to(dtype)
+    """`W + scaling * B @ A`, computed in fp32 and cast once at the end (pure function).
+
+    One fp32 copy of W, updated in place by a fused multiply-add: at a 65B MLP weight
+    (22016 x 8192) a separate delta and its scaled copy would be 1.4 GB more peak memory."""
+    out = weight.to(torch.float32, copy=True)  # (out, in)
+    out.addmm_(lora_B.float(), lora_A.float(), alpha=scaling)  # += scaling * (out, r) @ (r, in)
+    return out.to(dtype)

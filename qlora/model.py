@@ -22,34 +22,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from . import quant
+from .dtypes import dtype_name, dtype_named
 from .errors import QloraError
+from .hub import local_model_dir, looks_like_hub_id, model_id
 from .memory import release_freed_memory
 from .offload import (attach_hooks, layer_slots, make_streamer, payload_bytes, recompute_context,
                       resident_count)
 from .prequantized import (Prequantized, cache_folder, cache_problem, load_prequantized,
                            prequantized_settings, save_cache, source_stamp)
 from .safetensors_io import checkpoint_files, iter_tensors
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A local checkpoint folder; hub names (`owner/name`) are downloaded when online."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise QloraError(f"{path}: not a model folder (no config.json)")
-        return path
-    if str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/", "~")):
-        raise QloraError(f"{name_or_path}: model path not found")
-    from huggingface_hub import snapshot_download  # only users online get here
-    try:
-        local = snapshot_download(str(name_or_path), allow_patterns=[
-            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
-    except Exception as e:  # network, auth and "no such repo" all end the same way for a user
-        raise QloraError(f"{name_or_path}: cannot download model ({e.__class__.__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return Path(local)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -112,6 +93,32 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
+def build_skeleton(path: Path, quantization: str = "nf4", double_quant: bool = True,
+                   compute_dtype: torch.dtype = torch.bfloat16, config=None) -> tuple[PreTrainedModel, set[str]]:
+    """The model of local folder `path` with no weights yet (parameters on the meta device,
+    small buffers such as rotary frequencies real), its decoder linears already 4-bit
+    placeholders unless `quantization` is "none"; and the checkpoint names of those
+    quantized weights. `compute_dtype` is the dtype of everything else; `config`, when the
+    caller has read it already, is `path`'s config."""
+    if quantization not in (*quant.QUANT_TYPES, "none"):
+        raise QloraError(f"model.quantization: expected nf4, fp4 or none, got {quantization!r}")
+    config = config if config is not None else _read_config(path)
+    with init_empty_weights(include_buffers=False):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+        except ValueError as e:
+            raise QloraError(f"{path}: unsupported architecture ({str(e).splitlines()[0]})") from None
+    quantized: set[str] = set()
+    if quantization != "none":
+        for name in target_linears(model):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, leaf, quant.empty_quant_linear(getattr(parent, leaf), quantization,
+                                                           double_quant, compute_dtype))
+            quantized.add(name + ".weight")
+    return model, quantized
+
+
 def load_model(name_or_path: str | Path, *, quantization: str = "nf4", double_quant: bool = True,
                compute_dtype: str | torch.dtype = "bfloat16",
                device: str | torch.device | None = None, offload: str = "none",
@@ -127,23 +134,20 @@ def load_model(name_or_path: str | Path, *, quantization: str = "nf4", double_qu
     `resident_layers` ("auto": what fits) live in pinned host memory or a file in
     `offload_dir` and are streamed in per layer (`offload.py`).
     """
-    if quantization not in (*quant.QUANT_TYPES, "none"):
-        raise QloraError(f"model.quantization: expected nf4, fp4 or none, got {quantization!r}")
-    dtype = DTYPES[compute_dtype] if isinstance(compute_dtype, str) else compute_dtype
-    dtype_name = str(dtype).removeprefix("torch.")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    path = resolve_model_path(name_or_path)
+    dtype = dtype_named(compute_dtype, "model.compute_dtype")
+    device = resolve_device(device)
+    path = local_model_dir(name_or_path)
     config = _read_config(path)
     if offload != "none" and quantization == "none":
         raise QloraError("model.offload streams 4-bit weights; it needs model.quantization nf4 or fp4")
 
     source, pre, cache = path, prequantized_settings(config, path), None
     if pre is not None:
-        _check_matches(path, pre, quantization, double_quant)
+        check_matches(path, pre, quantization, double_quant)
     elif cache_dir and quantization != "none":
         wanted = Prequantized(quantization, double_quant)
-        stamp = source_stamp(path, wanted, dtype_name)
-        folder = cache_folder(Path(cache_dir), path, wanted, dtype_name)
+        stamp = source_stamp(path, wanted, dtype_name(dtype))
+        folder = cache_folder(Path(cache_dir), path, wanted, dtype_name(dtype))
         problem = cache_problem(folder, stamp)
         if problem is None:
             source, pre = folder, wanted
@@ -152,35 +156,22 @@ def load_model(name_or_path: str | Path, *, quantization: str = "nf4", double_qu
                 warnings.warn(f"model.cache_dir: {folder} {problem}; rebuilding it", stacklevel=2)
             cache = (folder, stamp, wanted)
 
-    # Parameters on meta (no memory); buffers such as rotary inv_freq are real and small.
-    with init_empty_weights(include_buffers=False):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        except ValueError as e:
-            raise QloraError(f"{path}: unsupported architecture ({str(e).splitlines()[0]})") from None
-
-    modules: dict[str, quant.QuantLinear] = {}
-    if quantization != "none":
-        for name in target_linears(model):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            modules[name] = quant.empty_quant_linear(getattr(parent, leaf), quantization, double_quant, dtype)
-            setattr(parent, leaf, modules[name])
+    model, quantized = build_skeleton(path, quantization, double_quant, dtype, config=config)
+    modules = {n[: -len(".weight")]: model.get_submodule(n[: -len(".weight")]) for n in quantized}
     streamer = _make_streamer(model, offload, offload_dir, resident_layers, double_quant, dtype, device)
     layer_of = _layer_index(model)
 
     files = checkpoint_files(source)
     if pre is not None:
         load_prequantized(model, files, modules, pre, dtype, device,
-                          place=lambda n, t: _place(model, n, t, set(), dtype, device),
+                          place=lambda n, t: place_tensor(model, n, t, set(), dtype, device),
                           streamer=streamer, layer_of=layer_of)
     elif files:
-        _stream_safetensors(model, files, set(n + ".weight" for n in modules), dtype, device,
-                            streamer, layer_of)
+        _stream_safetensors(model, files, quantized, dtype, device, streamer, layer_of)
     else:
-        _load_torch_bin(model, path, set(n + ".weight" for n in modules), dtype, device)
+        _load_torch_bin(model, path, quantized, dtype, device)
 
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False):
         # The checkpoint stores the shared matrix once; point the head at the embeddings.
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     # init_empty_weights left non-persistent buffers (rotary inv_freq) real, on the CPU.
@@ -195,15 +186,38 @@ def load_model(name_or_path: str | Path, *, quantization: str = "nf4", double_qu
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False  # the KV cache is useless (and costs memory) in training
-    model.qlora_source = str(path)  # where export finds the original weights
+    model.qlora_source = model_id(name_or_path)  # the base adapters record: hub id or local path
     model.qlora_prequantized = pre is not None and source == path  # no 16-bit original exists
     if streamer is not None:
         model.qlora_streamer = streamer
         attach_hooks(streamer)
     if cache is not None:
         folder, stamp, wanted = cache
-        save_cache(model, folder, path, path, stamp, wanted, dtype_name)
+        save_cache(model, folder, path, path, stamp, wanted, dtype_name(dtype))
     return model
+
+
+def model_config(name_or_path: str | Path):
+    """The model's config.json as a transformers config, without reading any weight."""
+    return _read_config(local_model_dir(name_or_path))
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` ("cpu", "cuda", "cuda:1", ...); None means CUDA when there is a GPU, else the
+    CPU. A device this machine lacks is a QloraError, before anything is loaded."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise QloraError(f"device: expected cpu, cuda or cuda:N, got {str(device)!r}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise QloraError(f"device: {device} is not available on this machine "
+                         f"({torch.cuda.device_count()} CUDA device(s))")
+    if device.type not in ("cpu", "cuda"):
+        raise QloraError(f"device: expected cpu, cuda or cuda:N, got {str(device)!r}")
+    return device
 
 
 def _read_config(path: Path):
@@ -213,7 +227,7 @@ def _read_config(path: Path):
         raise QloraError(f"{path / 'config.json'}: cannot read model config ({str(e).splitlines()[0]})") from None
 
 
-def _check_matches(path: Path, pre: Prequantized, quantization: str, double_quant: bool) -> None:
+def check_matches(path: Path, pre: Prequantized, quantization: str, double_quant: bool) -> None:
     """A pre-quantized checkpoint fixes the 4-bit format; asking for another is an error."""
     if quantization == "none":
         raise QloraError(f"{path}: the checkpoint is already {pre.quant_type} 4-bit; it cannot be "
@@ -256,7 +270,7 @@ def _stream_safetensors(model, files, quantized, dtype, device, streamer=None, l
     for i, (name, tensor) in enumerate(iter_tensors(files)):
         if name not in expected:
             continue  # e.g. rotary caches some old checkpoints carry; the model rebuilds them
-        _place(model, name, tensor, quantized, dtype, device)
+        place_tensor(model, name, tensor, quantized, dtype, device)
         del tensor
         if streamer is not None and name in quantized:
             layer = layer_of(name)
@@ -267,7 +281,9 @@ def _stream_safetensors(model, files, quantized, dtype, device, streamer=None, l
     release_freed_memory()
 
 
-def _place(model, name, tensor, quantized, dtype, device) -> None:
+def place_tensor(model, name, tensor, quantized, dtype, device) -> None:
+    """Put checkpoint tensor `name` into `model` on `device`: quantized if it is one of the
+    `quantized` weights, else cast to `dtype` (floating point) or moved as is."""
     if name in quantized:
         quant.set_quantized_weight(model.get_submodule(name[: -len(".weight")]), tensor, device, dtype)
     elif tensor.is_floating_point():
@@ -288,14 +304,14 @@ def _load_torch_bin(model, path: Path, quantized, dtype, device) -> None:
         state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
         for name in list(state):
             if name in expected:
-                _place(model, name, state.pop(name), quantized, dtype, device)
+                place_tensor(model, name, state.pop(name), quantized, dtype, device)
         del state
 
 
 def load_tokenizer(name_or_path: str | Path):
     """The tokenizer of a local folder, or of a hub model when online."""
     path = Path(name_or_path).expanduser()
-    if not path.exists() and (str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/"))):
+    if not path.exists() and not looks_like_hub_id(str(name_or_path)):
         raise QloraError(f"{name_or_path}: tokenizer path not found")
     try:
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else str(name_or_path))

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from .atomic import write_atomically
 from .errors import QloraError
-from .safetensors_io import INDEX_NAME, checkpoint_files, read_header
+from .safetensors_io import INDEX_NAME, check_intact, checkpoint_files
 
 CACHE_STAMP = "qlora_cache.json"
 CACHE_FORMAT = 1
@@ -188,14 +188,10 @@ def cache_problem(folder: Path, stamp: dict) -> str | None:
     if saved != stamp:  # settings are part of the folder name, so the source files changed
         return "was built from other versions of the source files"
     try:
-        files = checkpoint_files(folder)
+        for f in checkpoint_files(folder):
+            check_intact(f)
     except QloraError as e:
-        return str(e)
-    for f in files:
-        header, start = read_header(f)
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if f.stat().st_size < start + end:
-            return f"{f.name} is truncated"
+        return f"is damaged ({e})"
     return None
 
 

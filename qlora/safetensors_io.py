@@ -13,19 +13,16 @@ then the raw little-endian data; offsets are relative to the end of the header.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from .dtypes import SAFETENSORS
 from .errors import QloraError
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -37,12 +34,31 @@ def read_header(path: Path) -> tuple[dict, int]:
         if len(raw) != 8:
             raise QloraError(f"{path}: not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", raw)
+        size = os.fstat(f.fileno()).st_size
+        if n > size - 8:  # a garbage length would otherwise be allocated
+            raise QloraError(f"{path}: not a safetensors file (header of {n:,} bytes in a file of {size:,})")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise QloraError(f"{path}: not a safetensors file ({e.__class__.__name__} in header)") from None
     header.pop("__metadata__", None)
     return header, 8 + n
+
+
+def check_intact(path: Path) -> None:
+    """Raise a one-line QloraError when `path` is not a whole safetensors file: unreadable
+    header, a header that is not a tensor table, or data cut short (a copy or save that was
+    killed). Reads only the header."""
+    if not Path(path).is_file():
+        raise QloraError(f"{path}: file is missing")
+    try:
+        header, start = read_header(path)
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    except (KeyError, TypeError, IndexError, AttributeError, struct.error):
+        raise QloraError(f"{path}: not a safetensors file (malformed header)") from None
+    size = Path(path).stat().st_size
+    if size < start + end:
+        raise QloraError(f"{path}: truncated ({size:,} of {start + end:,} bytes)")
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -72,7 +88,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 def read_tensor(f, entry: dict, data_start: int, path: Path, name: str) -> torch.Tensor:
     """Read one tensor's bytes from an open file into a new (owned) tensor."""
-    dtype = DTYPES.get(entry["dtype"])
+    dtype = SAFETENSORS.get(entry["dtype"])
     if dtype is None:
         raise QloraError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
     begin, end = entry["data_offsets"]
@@ -103,7 +119,7 @@ class Entry:
         self.path, self.f, self.name, self.meta, self.data_start = path, f, name, meta, data_start
         self.offset = data_start + meta["data_offsets"][0]
         self.nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
-        self.dtype = DTYPES.get(meta["dtype"])
+        self.dtype = SAFETENSORS.get(meta["dtype"])
         self.shape = tuple(meta["shape"])
 
     def read(self) -> torch.Tensor:
@@ -119,3 +135,32 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 def tensor_names(files: list[Path]) -> dict[str, Path]:
     """Map every tensor name to the file holding it (reads headers only)."""
     return {name: path for path in files for name in read_header(path)[0]}
+
+
+class TensorReader:
+    """Single tensors by name from safetensors files (headers read once, data on demand):
+    `reader("model.layers.3.mlp.up_proj.weight")` returns a new tensor holding only that
+    tensor's bytes. Callable as `name -> tensor`, the shape export's verification takes."""
+
+    def __init__(self, files: list[Path]):
+        self.label = str(files[0] if len(files) == 1 else files[0].parent) if files else "<no files>"
+        self.entries: dict[str, tuple[Path, dict, int]] = {}
+        for path in files:
+            header, data_start = read_header(path)
+            for name, entry in header.items():
+                if name in self.entries:
+                    raise QloraError(f"{path}: tensor {name} also appears in {self.entries[name][0].name}")
+                self.entries[name] = (path, entry, data_start)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise QloraError(f"{self.label}: no tensor {name}")
+        path, entry, data_start = self.entries[name]
+        with open(path, "rb") as f:
+            return read_tensor(f, entry, data_start, path, name)

@@ -9,6 +9,7 @@ optimization as 1 process x batch N*b, and padding never changes a token's weigh
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
@@ -26,14 +27,17 @@ from .adapter import save_adapter
 from .config import Recipe, save_resolved
 from .data import Collator, GroupByLengthSampler, build_datasets, ensure_pad_token
 from .errors import QloraError, TrainingInterrupted
-from .generate import generate
-from .lora import LoraSettings, add_lora, trainable_report
+from .generate import generate, prompt_style
+from .lora import add_lora, trainable_report
 from .loss import lm_loss_sum
 from .metrics import MetricsLog, device_used_gb, peak_memory_gb, plot_loss, reset_peak_memory
-from .model import (DTYPES, decoder_layers, enable_gradient_checkpointing, load_model,
+from .model import (decoder_layers, enable_gradient_checkpointing, load_model, model_config,
                     load_tokenizer, matmul_layers_within)
 from .memory import release_if_grown, release_memory_per_layer
 from .optim import LossScaler, build_optimizer, build_scheduler
+from .processes import main_first
+from .run_dir import plan_run_dir
+from .run_dir import prepare as prepare_run_dir
 from .plan import check_fits
 
 
@@ -65,30 +69,39 @@ class Run:
 
 # ----------------------------------------------------------------------------- setup
 
-def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
+def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, force: bool = False) -> Run:
     r, t = recipe, recipe.train
     run_dir = Path(t.output_dir)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    if acc.is_main_process:
-        _check_run_dir(run_dir, resume)
-    acc.wait_for_everyone()
+    plan = plan_run_dir(run_dir, resume, overwrite)  # every process reads the same folder ...
+    config = model_config(r.model.name_or_path)  # a bad model path fails before the tokenizer
+    _check_against_model(r, config)
     if not force:  # before anything is loaded or written: a recipe that cannot fit stops here
         check_fits(recipe, acc.device, acc.num_processes)
-
     tokenizer = load_tokenizer(r.model.tokenizer or r.model.name_or_path)
     ensure_pad_token(tokenizer)
+    _check_tokenizer(r, tokenizer, config)
     t0 = time.perf_counter()
     # The main process tokenizes into the datasets cache first; the others then read it
     # instead of all writing the same cache files at once.
-    with acc.main_process_first():
-        train_ds, eval_ds, stats = build_datasets(
-            r.data.path, tokenizer, format=r.data.format, eval_path=r.data.eval_path,
-            eval_ratio=r.data.eval_ratio, max_seq_len=r.data.max_seq_len,
-            train_on_inputs=r.data.train_on_inputs, packing=r.data.packing,
-            skip_malformed=r.data.skip_malformed, seed=t.seed, split=r.data.split,
-            config_name=r.data.config_name)
+    # A bad row stops every process with the same line (processes.py).
+    train_ds, eval_ds, stats = main_first(acc, lambda: build_datasets(
+        r.data.path, tokenizer, format=r.data.format, eval_path=r.data.eval_path,
+        eval_ratio=r.data.eval_ratio, max_seq_len=r.data.max_seq_len,
+        train_on_inputs=r.data.train_on_inputs, packing=r.data.packing,
+        skip_malformed=r.data.skip_malformed, seed=t.seed, split=r.data.split,
+        config_name=r.data.config_name))
     if len(train_ds) == 0:
         raise QloraError(f"{r.data.path}: no training example left after tokenization")
+    # The run records the format 'auto' found, so that prompts are later rendered like its data.
+    r = dataclasses.replace(r, data=dataclasses.replace(r.data, format=stats.format))
+    acc.wait_for_everyone()
+    if acc.is_main_process:  # ... before the main one changes it, once the inputs passed
+        for note in plan.notes:
+            tqdm.write(f"qlora: {note}")
+        prepare_run_dir(plan)
+    acc.wait_for_everyone()
+    resume = plan.action == "resume"
 
     torch.manual_seed(t.seed)  # identical LoRA init on every process
     model = load_model(r.model.name_or_path, quantization=r.model.quantization,
@@ -96,9 +109,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
                        device=acc.device, offload=r.model.offload,
                        offload_dir=r.model.offload_dir or run_dir / "offload",
                        resident_layers=r.model.resident_layers, cache_dir=r.model.cache_dir)
-    add_lora(model, LoraSettings(r=r.lora.r, alpha=r.lora.alpha, dropout=r.lora.dropout,
-                                 targets=r.lora.targets, rslora=r.lora.rslora,
-                                 dtype=DTYPES[r.lora.resolved_dtype(r.model.compute_dtype)]))
+    add_lora(model, r.lora)  # lora.dtype auto: from each layer's compute dtype (LoRALinear)
     keep = 0
     if t.gradient_checkpointing:
         keep = matmul_layers_within(model, t.keep_matmuls_gb, t.batch_size * r.data.max_seq_len)
@@ -119,9 +130,10 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
               state={"step": 0, "skipped_steps": 0, "data": vars(stats)})
     resume_step = None
     if resume:
-        path = _resume(run)
+        path = _resume(run, plan.checkpoint)
         resume_step = run.state["step"]
-    elif acc.is_main_process:
+    if acc.is_main_process:
+        # on resume too: `--resume --set train.max_steps=70` must be what the next resume reads
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(r, run_dir / "recipe.yaml")
     run.log = MetricsLog(run_dir, acc.is_main_process, resume_step=resume_step)
@@ -138,23 +150,37 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
                    f"trainable {counts['trainable']:,} of {counts['total']:,} parameters "
                    f"({100 * counts['trainable'] / counts['total']:.2f}%); {total} steps; "
                    f"loaded in {load['load_seconds']:.0f} s, peak {load['load_peak_mem_gb']:.2f} GiB")
+        for line in stats.report(r.data.path):
+            tqdm.write(f"qlora: {line}")
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions and r.data.max_seq_len > positions:
+            tqdm.write(f"qlora: warning: data.max_seq_len {r.data.max_seq_len} exceeds the model's "
+                       f"max_position_embeddings {positions}: positions beyond it were never trained")
         if keep:
             tqdm.write(f"qlora: checkpointing keeps the 4-bit matmul outputs of "
                        f"{keep} of {len(decoder_layers(model))} layers")
     return run
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume:
-        if ckpt.latest_checkpoint(run_dir) is None:
-            raise QloraError(f"{run_dir}: no complete checkpoint to resume from")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise QloraError(f"{run_dir}: output_dir already holds a run; resume it with "
-                         f"`qlora train --resume {run_dir}` or choose another train.output_dir")
+def _check_against_model(r: Recipe, config) -> None:
+    """What the model's config.json rules out in the recipe, before anything is read."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if r.data.packing and positions and r.data.max_seq_len > positions:
+        raise QloraError(f"data.max_seq_len: {r.data.max_seq_len} with data.packing packs rows that long "
+                         f"(attention memory grows with its square); at most the model's "
+                         f"max_position_embeddings, {positions}")
 
 
-def _resume(run: Run) -> Path:
-    path = ckpt.latest_checkpoint(run.run_dir)
+def _check_tokenizer(r: Recipe, tokenizer, config) -> None:
+    """Token ids past the model's embeddings would crash at step 1: say so before loading."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:
+        raise QloraError(f"model.tokenizer: {r.model.tokenizer or r.model.name_or_path} has {len(tokenizer)} "
+                         f"tokens, more than the model's vocab_size {vocab} (ids past it have no embedding); "
+                         "use the model's own tokenizer")
+
+
+def _resume(run: Run, path: Path) -> Path:
     state = ckpt.load_checkpoint(path, run.model, run.optimizer, run.scheduler,
                                  run.acc.process_index, run.acc.num_processes)
     run.state.update(state)
@@ -358,8 +384,9 @@ def evaluate(run: Run) -> dict:
     # Which weights this loss belongs to: only a checkpoint of this very step can be "best".
     run.state["eval"] = {"step": run.state["step"], "loss": loss}
     if t.sample_prompts and acc.is_main_process:
+        style = prompt_style(run.recipe.data.format, run.tokenizer)  # rendered like the data
         out["samples"] = [{"prompt": p, "output": generate(
-            run.model, run.tokenizer, p, max_new_tokens=t.sample_max_new_tokens)}
+            run.model, run.tokenizer, p, max_new_tokens=t.sample_max_new_tokens, style=style)}
             for p in t.sample_prompts]
     run.log.log(out)
     if acc.is_main_process:
@@ -427,8 +454,11 @@ def _check_replicas_agree(run: Run) -> None:
                            f"at step {run.state['step']} (fingerprints {lo.tolist()} vs {hi.tolist()})")
 
 
-def train(recipe: Recipe, resume: bool = False, force: bool = False) -> dict:
-    run = setup(recipe, resume=resume, force=force)
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict:
+    """Train from `recipe`; `resume` continues its output_dir from the newest intact
+    checkpoint, `overwrite` replaces the run there (see run_dir.py for every case), `force`
+    trains even when `qlora plan` predicts the recipe does not fit the device."""
+    run = setup(recipe, resume=resume, overwrite=overwrite, force=force)
     return fit(run)
 
 

@@ -39,6 +39,15 @@ def asset(rel: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: a second intra-op thread only adds contention on shared CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def stories() -> Path:
     return asset("models/stories260K")
@@ -67,3 +76,24 @@ def write_tiny_model(out: Path, *, shards: int = 1, seed: int = 0, dtype=torch.f
 @pytest.fixture
 def tiny_model(tmp_path) -> Path:
     return write_tiny_model(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A real run: LoRA r 8 on every linear of stories260K, trained 8 steps by the real trainer
+    on Alpaca rows (checkpoints at steps 4 and 8, then the final adapter). Its adapter moves the
+    logits the way a trained one does, not the way random factors do."""
+    import json
+    from qlora.config import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
+    from qlora.train import train
+    base = asset("models/stories260K")
+    tmp = tmp_path_factory.mktemp("trained")
+    data = tmp / "alpaca.json"
+    data.write_text(json.dumps(json.loads(asset("data/alpaca_5000.json").read_text())[:64]))
+    recipe = Recipe(model=ModelConfig(name_or_path=str(base)), lora=LoraConfig(r=8, alpha=16, dropout=0.05),
+                    data=DataConfig(path=str(data), max_seq_len=64),
+                    train=TrainConfig(output_dir=str(tmp / "run"), max_steps=8, batch_size=4, grad_accum=1,
+                                      lr=1e-3, optimizer="adamw_torch", warmup_ratio=0.0, save_steps=4,
+                                      logging_steps=4, seed=3))
+    train(recipe)
+    return tmp / "run"

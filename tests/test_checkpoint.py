@@ -133,7 +133,8 @@ def test_paged_optimizer_stays_paged_after_resume_on_cuda():
 def test_checkpoints_save_and_restore_every_cuda_generator(stories, tmp_path, monkeypatch):
     """LoRA dropout draws from the CUDA generator on a GPU: a checkpoint must hold every
     device's state next to the CPU one (CUDA stood in for by recording fakes here)."""
-    from qlora.lora import LoraSettings, add_lora
+    from qlora.config import LoraConfig
+    from qlora.lora import add_lora
     from qlora.model import load_model
     states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
     restored = []
@@ -143,7 +144,7 @@ def test_checkpoints_save_and_restore_every_cuda_generator(stories, tmp_path, mo
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda ss: restored.extend(ss))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     model = load_model(stories, device="cpu")
-    add_lora(model, LoraSettings(r=4, alpha=8))
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], "adamw_torch", 1e-3, 0.0)
     sched = optim.build_scheduler(opt, 10, 0.0, "constant")
     torch.manual_seed(7)

@@ -25,7 +25,7 @@ def test_every_subcommand_has_complete_help(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     for text in ("--resume", "--set", "lora.r", "train.optimizer", "--merge-into", "--dtype",
-                 "--max-shard-size", "--prompt", "--chat", "--data"):
+                 "--max-shard-size", "--prompt", "--chat", "--raw", "--device", "--data"):
         assert text in out, text
     # every recipe key is documented in `qlora train --help`
     from qlora.config import SECTIONS

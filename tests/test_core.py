@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from qlora import quant
 from qlora.adapter import load_adapter, save_adapter
 from qlora.errors import QloraError
-from qlora.lora import LoRALinear, LoraSettings, add_lora, lora_layers, trainable_report
+from qlora.config import LoraConfig
+from qlora.lora import LoRALinear, add_lora, lora_layers, trainable_report
 from qlora.model import enable_gradient_checkpointing, load_model
 
 from conftest import write_tiny_model
@@ -127,7 +128,7 @@ def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_q
 
 def test_lora_forward_equals_plain_math(stories):
     model = load_model(stories)
-    add_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))
+    add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0))
     randomize_lora(model)
     layer = model.model.layers[1].mlp.down_proj
     x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
@@ -137,7 +138,8 @@ def test_lora_forward_equals_plain_math(stories):
     got = layer(x).float()
     assert (got - expected).abs().max() <= 0.01 * expected.abs().max()  # bf16 noise
     # rsLoRA scales by alpha / sqrt(r)
-    assert LoRALinear(torch.nn.Linear(4, 4), r=16, alpha=8, rslora=True).scaling == 2.0
+    assert LoraConfig(r=16, alpha=8, rslora=True).scaling == 2.0
+    assert layer.scaling == LoraConfig(r=8, alpha=16).scaling == 2.0
 
 
 def test_lora_dropout_is_inverted_dropout_on_the_adapter_input():
@@ -151,7 +153,7 @@ def test_lora_dropout_is_inverted_dropout_on_the_adapter_input():
 
     # training-mode output = base + (alpha/r)/(1-p) * B A (x * mask), with the mask it drew
     base = torch.nn.Linear(64, 96, bias=False, dtype=torch.bfloat16)
-    layer = LoRALinear(base, r=4, alpha=8, dropout=0.25).train()
+    layer = LoRALinear(base, LoraConfig(r=4, alpha=8, dropout=0.25)).train()
     torch.nn.init.normal_(layer.lora_B.weight)
     xin = torch.randn(3, 7, 64, dtype=torch.bfloat16)
     torch.manual_seed(5)
@@ -173,7 +175,7 @@ def test_checkpointing_replays_the_dropout_masks(stories):
     grads = []
     for checkpointing in (False, True):
         model = load_model(stories)
-        add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.3))
+        add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.3))
         randomize_lora(model)
         if checkpointing:
             enable_gradient_checkpointing(model)
@@ -202,7 +204,7 @@ def test_selective_checkpointing_keeps_matmuls_and_gives_the_same_gradients(stor
     results = {}
     for mode in ("none", "recompute", "keep_all", "keep_2"):
         model = load_model(stories)
-        add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.3))
+        add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.3))
         randomize_lora(model)
         if mode != "none":
             enable_gradient_checkpointing(model, keep_matmul_layers={"recompute": 0, "keep_all": 99,
@@ -229,7 +231,7 @@ def test_selective_checkpointing_keeps_matmuls_and_gives_the_same_gradients(stor
 def test_lora_init_and_trainable_count(stories):
     model = load_model(stories)
     before = model(torch.arange(10).view(1, 10)).logits
-    targets = add_lora(model, LoraSettings(r=4, alpha=8))
+    targets = add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
     assert targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     layers = lora_layers(model)
     assert all(torch.count_nonzero(l.lora_B.weight) == 0 for l in layers.values())
@@ -244,14 +246,14 @@ def test_lora_init_and_trainable_count(stories):
 
 def test_targets_by_name(stories):
     model = load_model(stories)
-    assert add_lora(model, LoraSettings(r=2, targets=["q_proj", "v_proj"])) == ["q_proj", "v_proj"]
+    assert add_lora(model, LoraConfig(r=2, targets=["q_proj", "v_proj"])) == ["q_proj", "v_proj"]
     assert len(lora_layers(model)) == 10
 
 
 def test_peft_loads_our_adapter(stories, tmp_path):
     from peft import PeftModel
     ours = load_model(stories)
-    add_lora(ours, LoraSettings(r=8, alpha=16, dropout=0.0))
+    add_lora(ours, LoraConfig(r=8, alpha=16, dropout=0.0))
     randomize_lora(ours)
     save_adapter(ours, tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(
@@ -284,7 +286,7 @@ def test_we_load_peft_adapter(stories, tmp_path):
 
 def test_gradient_checkpointing_trains_every_b_and_freezes_base(stories):
     model = load_model(stories)
-    add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.1))
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
     enable_gradient_checkpointing(model)
     model.train()
     frozen = {n: (p.data.clone(), p.data.dtype) for n, p in model.named_parameters() if not p.requires_grad}
@@ -318,7 +320,7 @@ def test_memory_is_released_between_layers_once_it_grew_and_only_in_training(sto
     grads = []
     for budget in (None, -1, 2**40):  # unhooked; release at every check; never grown enough
         model = load_model(stories)
-        add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.1))
+        add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
         randomize_lora(model)
         enable_gradient_checkpointing(model)
         if budget is not None:
@@ -371,7 +373,7 @@ def test_bad_inputs_name_the_culprit(tmp_path, tiny_model):
     with pytest.raises(QloraError, match=f"{victim}: shard listed in .* is missing"):
         load_model(sharded)
     with pytest.raises(QloraError, match="lora target 'qkv_proj' matches no linear"):
-        add_lora(load_model(tiny_model), LoraSettings(targets=["q_proj", "qkv_proj"]))
+        add_lora(load_model(tiny_model), LoraConfig(targets=["q_proj", "qkv_proj"]))
     # An architecture whose blocks hold no nn.Linear (GPT-2 uses Conv1D) has nothing to target.
     from transformers import GPT2Config
     gpt2 = tmp_path / "gpt2"
@@ -388,7 +390,7 @@ def test_chunked_loss_equals_transformers_loss_and_gradients(stories, monkeypatc
     from qlora import loss as L
     monkeypatch.setattr(L, "CHUNK_TOKENS", 7)  # 3 chunks per row below
     model = load_model(stories)
-    add_lora(model, LoraSettings(r=4, alpha=8))
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
     randomize_lora(model)
     model.train()
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -26,7 +26,8 @@ from qlora.errors import QloraError
 from qlora.inspect_adapter import inspect_adapters
 from qlora.rank_analysis import (delta_singular_values, effective_rank, frobenius_norm,
                                  right_singular_vectors, subspace_similarity, threshold_rank)
-from qlora.lora import LoraSettings, add_lora, lora_layers
+from qlora.config import LoraConfig
+from qlora.lora import add_lora, lora_layers
 from qlora.model import load_model
 
 from conftest import write_tiny_model
@@ -35,7 +36,7 @@ from conftest import write_tiny_model
 def make_adapter(base, out, *, r=8, alpha=16, seed=0, targets="all-linear", std=0.05):
     """A trained-looking adapter on `base`: Kaiming A as initialised, random non-zero B."""
     model = load_model(base, quantization="none", device="cpu")
-    add_lora(model, LoraSettings(r=r, alpha=alpha, targets=targets))
+    add_lora(model, LoraConfig(r=r, alpha=alpha, dropout=0.0, targets=targets))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():

@@ -13,7 +13,8 @@ import torch
 from qlora import quant
 from qlora.errors import QloraError
 from qlora.generate import generate
-from qlora.lora import LoraSettings, add_lora
+from qlora.config import LoraConfig
+from qlora.lora import add_lora
 from qlora.model import enable_gradient_checkpointing, load_model, load_tokenizer
 from qlora.offload import DiskHome
 from qlora.prequantized import CACHE_STAMP
@@ -31,7 +32,7 @@ def codes_and_scales(model) -> dict[str, tuple[torch.Tensor, ...]]:
 def lora_grads(model, ids, seed=1, checkpointing=True) -> tuple[float, dict[str, torch.Tensor]]:
     """One forward/backward with dropout; B factors random so every path carries gradient."""
     torch.manual_seed(0)
-    add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.1))
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
     for m in model.modules():
         if hasattr(m, "lora_B"):
             torch.nn.init.normal_(m.lora_B.weight)
@@ -78,6 +79,26 @@ def test_generation_with_offload_equals_resident(stories, tmp_path):
     assert generate(model, tok, "Once upon a time", max_new_tokens=12) == want
     # a pass over layers 2..4 per token, the next one always prefetched
     assert model.qlora_streamer.stats.fetches >= 12 * 3
+
+
+def test_generate_and_eval_of_an_offloaded_run_stream_its_base(stories, alpaca_slice, tmp_path):
+    """`qlora generate`/`eval` of a run trained with model.offload disk place its base the same
+    way (a 65B base that had to stream in training has to stream there too), through the
+    run's offload folder, with the resident model's text."""
+    from qlora.adapter import load_adapter
+    from qlora.generate import load_resolved
+    from qlora.resolve import resolve
+    recipe = make_recipe(stories, alpaca_slice, tmp_path / "run", max_steps=2)
+    recipe.model.offload, recipe.model.resident_layers = "disk", 1
+    train(recipe)
+    src = resolve(tmp_path / "run")
+    assert (src.placement.offload, src.placement.resident_layers) == ("disk", 1)
+    model, tok = load_resolved(src, "cpu")
+    assert model.qlora_streamer.home.path.parent == tmp_path / "run" / "offload"
+    resident = load_adapter(load_model(stories, device="cpu"), src.adapter).eval()
+    want = generate(resident, tok, "Once upon a time", max_new_tokens=12)
+    assert generate(model, tok, "Once upon a time", max_new_tokens=12) == want
+    assert model.qlora_streamer.stats.fetches >= 12 * 4
 
 
 def test_streamed_layers_hold_no_codes_between_uses(stories, tmp_path):
@@ -145,7 +166,7 @@ def test_cache_is_rebuilt_when_stale_or_truncated(wide_bf16, tmp_path):
     shard = sorted(folder.glob("model-*.safetensors"))[-1]
     with open(shard, "r+b") as f:  # a copy interrupted by a full disk, say
         f.truncate(shard.stat().st_size - 100)
-    with pytest.warns(UserWarning, match="truncated; rebuilding"):
+    with pytest.warns(UserWarning, match=r"is damaged \(.*truncated .*; rebuilding"):
         load_model(wide_bf16, device="cpu", cache_dir=cache)
     assert shard.stat().st_size > 0 and (folder / CACHE_STAMP).is_file()
     source = wide_bf16 / "model.safetensors"

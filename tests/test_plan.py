@@ -14,7 +14,8 @@ from qlora import quant
 from qlora.cli import main
 from qlora.config import load_recipe, recipe_from_dict
 from qlora.errors import QloraError
-from qlora.lora import LoraSettings, add_lora
+from qlora.config import LoraConfig
+from qlora.lora import add_lora
 from qlora.loss import lm_loss_sum
 from qlora.model import decoder_layers, enable_gradient_checkpointing, load_model, matmul_layers_within
 from qlora.model_shapes import read_shape
@@ -118,7 +119,7 @@ def test_offload_terms_are_the_streamers_bytes(gqa_model, tmp_path, home):
     plan = plan_recipe(rec, "cpu:64GB")
     model = load_model(gqa_model, offload=home, offload_dir=tmp_path, resident_layers=1)
     streamer = model.qlora_streamer
-    add_lora(model, LoraSettings(r=8, alpha=16, dropout=0.05))
+    add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05))
     enable_gradient_checkpointing(model)
     model.train()
     x = torch.randint(0, 300, (1, 64))
@@ -170,7 +171,7 @@ def test_lora_gradient_and_optimizer_state_terms_after_a_step(gqa_model, optimiz
     # r 32 at width 128/352: A of q is 4096 elements (8-bit state), B of k is 2048 (fp32 state)
     rec = recipe(gqa_model, r=32, optimizer=optimizer)
     model = load_model(gqa_model)
-    add_lora(model, LoraSettings(r=32, alpha=64, dropout=0.05))
+    add_lora(model, LoraConfig(r=32, alpha=64, dropout=0.05))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, optimizer, 1e-3, 0.0)
     x = torch.randint(0, 300, (1, 32))
@@ -217,7 +218,7 @@ def test_one_layers_saved_activations_are_what_autograd_saves(gqa_model, dropout
     first layer's input needs no gradient, so its first norm saves nothing."""
     rec = recipe(gqa_model, dropout=dropout, batch=batch, lora_dtype=lora_dtype, targets=targets)
     model = load_model(gqa_model)
-    add_lora(model, LoraSettings(r=8, alpha=16, dropout=dropout, targets=targets, dtype=getattr(torch, lora_dtype)))
+    add_lora(model, LoraConfig(r=8, alpha=16, dropout=dropout, targets=targets, dtype=lora_dtype))
     model.train()
     x = torch.randint(0, 300, (batch, 64), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(x)
@@ -257,7 +258,7 @@ def test_checkpoint_inputs_and_kept_matmul_outputs(gqa_model):
     shape = read_shape(str(gqa_model))
     s = layer_terms(shape, w, "cpu")
     model = load_model(gqa_model)
-    add_lora(model, LoraSettings(r=8, alpha=16, dropout=0.05))
+    add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05))
     kept = matmul_layers_within(model, budget, tokens)
     assert kept == kept_layers(shape, w) == 2
     enable_gradient_checkpointing(model, keep_matmul_layers=kept)
@@ -308,7 +309,7 @@ def test_a_training_steps_peak_against_the_profiler(vocab_32k_model, dropout, ke
     predicted = sum(plan.terms[t] for t in STEP_TERMS if t in plan.terms)
     torch.manual_seed(0)
     model = load_model(path)
-    add_lora(model, LoraSettings(r=16, alpha=32, dropout=dropout))
+    add_lora(model, LoraConfig(r=16, alpha=32, dropout=dropout))
     enable_gradient_checkpointing(model, keep_matmul_layers=plan.kept_layers)
     model.train()
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], "paged_adamw_8bit", 1e-4, 0.0)

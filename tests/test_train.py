@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from qlora import checkpoint as ckpt
 from qlora.config import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
 from qlora.errors import QloraError, TrainingInterrupted
-from qlora.lora import LoraSettings, add_lora
+from qlora.lora import add_lora
 from qlora.metrics import read_metrics
 from qlora.model import load_model
 from qlora.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler, lr_factor
@@ -197,7 +197,7 @@ def test_two_processes_match_one_with_double_batch(stories, alpaca_slice, tmp_pa
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_steps(stories, name):
     model = load_model(stories)
-    add_lora(model, LoraSettings(r=4, alpha=8, targets=["q_proj"]))
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
     b_factors = [p for n, p in model.named_parameters() if "lora_B" in n]  # A has zero grad at B = 0
     opt = build_optimizer(params, name, lr=1e-2, weight_decay=0.0)
@@ -249,8 +249,10 @@ def test_existing_run_dir_is_refused(stories, alpaca_slice, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(QloraError, match="already holds a run"):
+    with pytest.raises(QloraError, match="holds files that are not a qlora run"):
         setup(make_recipe(stories, alpaca_slice, out))
+    with pytest.raises(QloraError, match="not a qlora run; --overwrite only replaces runs"):
+        setup(make_recipe(stories, alpaca_slice, out), overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
 
 
@@ -327,7 +329,7 @@ def test_trainable_report_counts_tied_embeddings_once(stories):
                       for k in f.keys())
     model = load_model(stories)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, stored once
-    add_lora(model, LoraSettings(r=4, alpha=8))
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
     counts = trainable_report(model)
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert counts == {"trainable": lora, "total": on_disk + lora}
@@ -346,7 +348,7 @@ def test_checkpointing_computes_no_input_gradient_for_the_embeddings(stories, mo
     def grads(hook: bool):
         torch.manual_seed(0)
         model = load_model(stories)
-        add_lora(model, LoraSettings(r=4, alpha=8))
+        add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
         for m in model.modules():
             if hasattr(m, "lora_B"):
                 torch.nn.init.normal_(m.lora_B.weight)

@@ -10,6 +10,8 @@ The trainer calls `build_datasets`; the pieces are public for tools and tests:
 
 from __future__ import annotations
 
+from collections import Counter
+
 import datasets
 
 from qlora.data.batching import Collator, GroupByLengthSampler, PackedCollator, pack
@@ -29,6 +31,7 @@ from qlora.data.tokenization import (
     IGNORE_INDEX,
     DataStats,
     Renderer,
+    encode_with_bos,
     ensure_pad_token,
     tokenize,
     truncate,
@@ -50,7 +53,9 @@ __all__ = [
     "Turn",
     "build_datasets",
     "detect_format",
+    "encode_with_bos",
     "ensure_pad_token",
+    "format_of",
     "load_raw",
     "pack",
     "parse_guanaco",
@@ -108,14 +113,87 @@ def build_datasets(
     return train, evaluation, stats
 
 
+def format_of(raw: datasets.Dataset, path: str, skip_malformed: bool = False) -> str:
+    """The format of loaded rows, detected row by row.
+
+    A JSON file that mixes formats loads as the union of their columns (absent fields are
+    null), so the columns alone would pick one format and then blame valid rows of the
+    other. Each row's format is read from the fields it has; the majority wins, and rows
+    that disagree are an error (with `skip_malformed`, they are skipped as malformed)."""
+    sample = raw.select(range(min(_SAMPLE_ROWS, len(raw)))).to_list()
+    fmt = detect_format(raw.column_names, path, sample_rows=sample)
+    families = _row_families(raw)
+    if families is None:
+        return fmt
+    counts = Counter(f for f in families if f is not None)
+    if len(counts) < 2:
+        return fmt
+    majority = counts.most_common(1)[0][0]
+    cols = [c for c in raw.column_names if c in _FAMILY_COLUMNS[majority]]
+    fmt = detect_format(cols, path, sample_rows=[r for r in sample if _family_of_row(_fields(r)) == majority])
+    if not skip_malformed:
+        others = [i for i, f in enumerate(families) if f != majority]
+        kinds = ", ".join(f"{n} are {_FAMILY_NAMES.get(f, f)}" for f, n in Counter(families[i] for i in others).items())
+        shown = ", ".join(map(str, others[:5])) + (", ..." if len(others) > 5 else "")
+        raise QloraError(
+            f"{path}: rows mix data formats: {counts[majority]} of {len(families)} rows are {fmt}, "
+            f"{kinds} (rows {shown}); split the file, fix those rows, or set data.skip_malformed"
+        )
+    return fmt
+
+
+# Row families by the fields a row has (None or absent = not there); messages vs sharegpt and
+# text vs guanaco-text are told apart per file by detect_format, as the fields are the same.
+_FAMILY_COLUMNS = {
+    "alpaca": ("instruction", "output", "input"),
+    "prompt_completion": ("prompt", "completion"),
+    "conversation": ("messages", "conversations", "system", "tools"),
+    "guanaco": ("input", "output"),
+    "text": ("text",),
+}
+
+
+_FAMILY_NAMES = {"conversation": "messages/sharegpt", None: "of no known format"}
+
+
+def _fields(row: dict) -> set[str]:
+    return {k for k, v in row.items() if v is not None}
+
+
+def _family_of_row(has: set[str]) -> str | None:
+    if {"instruction", "output"} <= has:
+        return "alpaca"
+    if {"prompt", "completion"} <= has:
+        return "prompt_completion"
+    if has & {"messages", "conversations"}:
+        return "conversation"
+    if {"input", "output"} <= has:
+        return "guanaco"
+    if "text" in has:
+        return "text"
+    return None
+
+
+def _row_families(raw: datasets.Dataset) -> list[str | None] | None:
+    """Each row's family from its non-null fields (read as Arrow null masks, so a million-
+    row file costs a second, not a Python pass over its contents); None when the columns
+    allow only one family."""
+    known = sorted({c for cols in _FAMILY_COLUMNS.values() for c in cols} & set(raw.column_names))
+    possible = {_family_of_row(set(cols) & set(known)) for cols in _FAMILY_COLUMNS.values()}
+    if len(possible - {None}) < 2:
+        return None
+    families: list[str | None] = []
+    for batch in raw.select_columns(known).with_format("arrow").iter(batch_size=65536):
+        present = {c: batch.column(c).is_valid().to_pylist() for c in known}
+        for i in range(batch.num_rows):
+            families.append(_family_of_row({c for c in known if present[c][i]}))
+    return families
+
+
 def _load_and_tokenize(path, tokenizer, *, format, max_seq_len, train_on_inputs, skip_malformed,
                        split, config_name, cache_dir) -> tuple[datasets.Dataset, DataStats]:
     raw = load_raw(path, split=split, config_name=config_name, cache_dir=cache_dir)
-    if format == "auto":
-        sample = raw.select(range(min(_SAMPLE_ROWS, len(raw))))
-        fmt = detect_format(raw.column_names, str(path), sample_rows=sample.to_list())
-    else:
-        fmt = format
+    fmt = format_of(raw, str(path), skip_malformed) if format == "auto" else format
     ds, stats = tokenize(raw, tokenizer, fmt, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs,
                          source=str(path), skip_malformed=skip_malformed)
     if stats.kept == 0:

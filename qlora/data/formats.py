@@ -224,12 +224,13 @@ def _guanaco(row: dict, ctx: _RowContext) -> list[Turn]:
 
 
 def _messages(row: dict, ctx: _RowContext) -> list[Turn]:
-    column = "messages" if row.get("messages") is not None else "conversations"
+    # a file mixing both spellings has both columns, the other one null
+    column = "conversations" if row.get("messages") is None and row.get("conversations") is not None else "messages"
     return _conversation(row, ctx, column, "role", "content", _MESSAGES_ROLES)
 
 
 def _sharegpt(row: dict, ctx: _RowContext) -> list[Turn]:
-    column = "conversations" if row.get("conversations") is not None else "messages"
+    column = "messages" if row.get("conversations") is None and row.get("messages") is not None else "conversations"
     turns = _conversation(row, ctx, column, "from", "value", _SHAREGPT_ROLES)
     system = ctx.string(row.get("system"), "system", required=False).strip()
     tools = row.get("tools")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import datasets
 
 from qlora.errors import QloraError
+from qlora.hub import looks_like_hub_id
 
 # File suffix -> `datasets` builder that reads it.
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def load_raw(
@@ -35,7 +34,7 @@ def load_raw(
         files = sorted(p for p in local.rglob("*") if p.suffix.lower() in _BUILDERS and p.is_file())
         if not files:
             raise QloraError(f"{path}: folder holds no .json, .jsonl, .csv or .parquet files")
-    elif _looks_like_hub_name(str(path)):
+    elif looks_like_hub_id(str(path)):
         return _load_hub(str(path), split, config_name, cache_dir)
     else:
         raise QloraError(f"data file not found: {path}")
@@ -51,11 +50,17 @@ def _load_local(files: list[Path], label: str, split: str, cache_dir: str | None
     for f in files:
         if _is_blank(f):
             raise QloraError(f"{f}: data file is empty")
+        if f.suffix.lower() != ".parquet":
+            _check_utf8(f)
+    builder = builders.pop()
     try:
-        ds = datasets.load_dataset(
-            builders.pop(), data_files=[str(f) for f in files], split=split, cache_dir=cache_dir
-        )
+        with _datasets_silent():  # it logs its own parse errors; ours below names the line
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split=split,
+                                       cache_dir=cache_dir)
     except Exception as err:  # datasets/pyarrow raise many types; the user needs one line
+        if builder == "json":
+            for f in files:
+                _check_json(f)
         raise QloraError(f"{label}: cannot read data: {_one_line(err)}") from err
     if len(ds) == 0:
         raise QloraError(f"{label}: data file is empty (no rows)")
@@ -71,13 +76,71 @@ def _load_hub(name: str, split: str, config_name: str | None, cache_dir: str | N
         ) from err
 
 
-def _looks_like_hub_name(name: str) -> bool:
-    """"owner/name" that is not a local-looking path (no data suffix, first part not a folder)."""
-    return (
-        bool(_HUB_NAME.match(name))
-        and Path(name).suffix.lower() not in _BUILDERS
-        and not Path(name.split("/")[0]).exists()
-    )
+def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """Text data must be UTF-8: pyarrow's parser would only say "Invalid value" of a row.
+    Decoded incrementally, so a multi-GB file costs one read, not its size in memory."""
+    import codecs
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                at = offset + e.start
+                line += block[:e.start].count(b"\n")
+                raise QloraError(f"{path}: not UTF-8 text (byte 0x{block[e.start]:02x} at offset {at}, "
+                                 f"line {line}); re-save the file as UTF-8") from None
+            offset += len(block)
+            line += block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise QloraError(f"{path}: not UTF-8 text (it ends inside a multi-byte character)") from None
+
+
+class _datasets_silent:
+    """Within the block, `datasets` logs nothing below CRITICAL."""
+
+    def __enter__(self):
+        import logging
+        self.logger = logging.getLogger("datasets")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def _check_json(path: Path) -> None:
+    """After pyarrow failed to read `path`: the line that is not valid JSON, named. A file
+    that starts with `[` (or is one object) is one JSON document; otherwise JSON Lines."""
+    import json
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip()
+    if head.startswith("["):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise QloraError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if n == 1 and head.startswith("{"):  # perhaps one object over many lines
+                    try:
+                        json.loads(path.read_text(encoding="utf-8"))
+                        return
+                    except json.JSONDecodeError:
+                        pass
+                raise QloraError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise QloraError(f"{path}: line {n} is a JSON {type(row).__name__}, not an object "
+                                 "(one example per line: {\"field\": value, ...})")
 
 
 def _is_blank(path: Path) -> bool:

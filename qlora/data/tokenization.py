@@ -8,11 +8,18 @@ e.g. sentencepiece adds a spurious "▁" to a separately tokenized answer).
 Chat formats use the tokenizer's chat template when it has one. The characters of each
 trained assistant turn are found by incremental rendering: the text between
 render(turns[:k], add_generation_prompt=True) and render(turns[:k+1]) is turn k's answer
-plus its end-of-turn token. Some templates are not prefix-stable (Mistral v0.3 shows the
-system message only inside the *last* user turn), so when a prefix render is not a prefix of
-the full render we locate the answer's text in the full render instead and extend it over
-the EOS token that follows. Without a chat template we use DEFAULT_CHAT_TEMPLATE, the
-Guanaco style:
+plus its end-of-turn token. Some templates are not prefix-stable, so when a prefix render is
+not a prefix of the full render we locate the answer's text in the full render instead and
+extend it over the EOS token that follows. Only the answer's text and its end-of-turn marker
+are trained: text a template adds around the *last* answer only (Qwen3's empty think block,
+a newline after the marker) would teach the last turn differently from the others.
+
+Every turn's text must survive the template. Mistral v0.3 shows the system message only
+inside a *last* user turn, which a training row never has: such a system message is moved to
+the start of the first user turn (what inference renders for one exchange) and counted;
+any other dropped turn is a row error.
+
+Without a chat template we use DEFAULT_CHAT_TEMPLATE, the Guanaco style:
 
     ### System: {system}\\n### Human: {user}\\n### Assistant: {assistant}{eos}\\n### Human: ...
 """
@@ -36,6 +43,8 @@ _PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "[PAD]", "<|pad|>", "<|
 # Where a conversation's rows are reported in error messages, per format.
 _CONVERSATION_FIELD = {"guanaco": "input", "messages": "messages", "sharegpt": "conversations"}
 _KEPT, _TRUNCATED, _NO_TARGET, _MALFORMED = 0, 1, 2, 3
+_FOLDED = "folded"
+_EXAMPLES = 3  # malformed rows quoted in the console report
 # Any change to the code that shapes examples must invalidate cached `map` results.
 _CODE_HASH = hashlib.sha256(
     b"".join((Path(__file__).parent / f).read_bytes() for f in ("formats.py", "tokenization.py"))
@@ -48,9 +57,25 @@ class DataStats:
 
     rows: int = 0
     kept: int = 0
-    dropped_no_target: int = 0
+    dropped_no_target: int = 0  # no assistant turn, nothing but blanks to train, or truncated away
     truncated: int = 0
     skipped_malformed: int = 0
+    format: str = ""
+    """The row layout the rows were read as (`data.format`, or what 'auto' detected)."""
+    malformed_examples: list[str] = field(default_factory=list)  # the first few skipped rows' errors
+    system_folded: int = 0  # rows whose system turn went into the first user turn (see Renderer)
+
+    def report(self, source: str) -> list[str]:
+        """Console lines for what happened to rows that did not train as written."""
+        lines = []
+        if self.skipped_malformed:
+            lines.append(f"{source}: skipped {self.skipped_malformed} malformed row(s) of {self.rows} "
+                         f"(data.skip_malformed); first: " + "; ".join(self.malformed_examples))
+        if self.system_folded:
+            lines.append(f"{source}: the tokenizer's chat template drops the system message of a "
+                         f"conversation that ends with an answer; it was put at the start of the "
+                         f"first user turn in {self.system_folded} row(s)")
+        return lines
 
 
 def ensure_pad_token(tokenizer) -> int:
@@ -88,6 +113,7 @@ class Rendered:
     spans: list[tuple[int, int]]
     cuts: list[int] = field(default_factory=list)
     head: int = 0
+    folded_system: bool = False  # the template dropped the system turn; it went into the first user turn
 
 
 class Renderer:
@@ -150,25 +176,43 @@ class Renderer:
             return None
 
     def _render_template(self, turns: list[Turn], index: int) -> Rendered:
-        messages = [{"role": t.role, "content": t.content} for t in turns]
-        try:
-            full = self._apply(messages)
-        except Exception as err:
-            reason = " ".join(str(err).split())[:200]
+        full = self._apply_row(turns, index)
+        folded = False
+        lost = _dropped_turn(turns, full)
+        if lost is not None and turns[lost].role == "system":
+            # Mistral v0.3's template shows the system message only inside a *last* user turn,
+            # which a training row (ending with the answer) never has: the prompt would vanish
+            # from training while inference keeps it. Put it where every template shows it.
+            turns, folded = _fold_system(turns), True
+            full = self._apply_row(turns, index)
+            lost = _dropped_turn(turns, full)
+        if lost is not None:
             raise RowError(
-                f"{self.source}: row {index}: field '{self.field}' is rejected by the "
-                f"tokenizer's chat template: {reason}"
-            ) from err
+                f"{self.source}: row {index}: field '{self.field}' turn {lost} ({turns[lost].role}): "
+                "the tokenizer's chat template drops its text, so the row would not train as written"
+            )
+        messages = [{"role": t.role, "content": t.content} for t in turns]
         spans, starts, cursor = [], [], 0
         for k, turn in enumerate(turns):
             if turn.role == "user":
                 starts.append(self._turn_start(messages, k, full))
             if turn.trainable:
                 span = self._exact_span(messages, k, full) or self._search_span(turns, k, full, cursor, index)
+                span = _answer_only(turn, full, span)
                 spans.append(span)
                 cursor = span[1]
         head = starts[0] if starts and starts[0] is not None else 0
-        return Rendered(full, spans, [s for s in starts[1:] if s is not None], head)
+        return Rendered(full, spans, [s for s in starts[1:] if s is not None], head, folded)
+
+    def _apply_row(self, turns: list[Turn], index: int) -> str:
+        try:
+            return self._apply([{"role": t.role, "content": t.content} for t in turns])
+        except Exception as err:
+            reason = " ".join(str(err).split())[:200]
+            raise RowError(
+                f"{self.source}: row {index}: field '{self.field}' is rejected by the "
+                f"tokenizer's chat template: {reason}"
+            ) from err
 
     def _turn_start(self, messages: list[dict], k: int, full: str) -> int | None:
         """Where turn k begins in `full`, if the template renders prefixes stably."""
@@ -207,6 +251,40 @@ class Renderer:
         return start, end
 
 
+def _dropped_turn(turns: list[Turn], full: str) -> int | None:
+    """The first turn whose (non-blank) text the rendered conversation does not contain."""
+    for k, turn in enumerate(turns):
+        if turn.content.strip() and turn.content.strip() not in full:
+            return k
+    return None
+
+
+def _fold_system(turns: list[Turn]) -> list[Turn]:
+    """The system turn's text moved to the front of the first user turn."""
+    system, rest = turns[0], list(turns[1:])
+    k = next((i for i, t in enumerate(rest) if t.role == "user"), None)
+    if k is None:
+        return rest
+    rest[k] = Turn("user", f"{system.content}\n\n{rest[k].content}", rest[k].trainable)
+    return rest
+
+
+def _answer_only(turn: Turn, full: str, span: tuple[int, int]) -> tuple[int, int]:
+    """Narrow an assistant turn's rendered span to its content and the end-of-turn marker.
+
+    Templates add text around an answer that they add only when it is the last turn (Qwen3:
+    an empty <think></think> block before it and a newline after <|im_end|>); training it
+    would teach the last turn differently from the others. Whitespace after the end marker
+    is never generated at inference, so it is not trained either."""
+    start, end = span
+    needle = turn.content.strip()
+    at = full.find(needle, start, end) if needle else -1
+    if at < 0:
+        return span
+    tail = full[at + len(needle):end].rstrip()
+    return at, at + len(needle) + len(tail)
+
+
 def tokenize(
     ds: datasets.Dataset,
     tokenizer,
@@ -236,6 +314,7 @@ def tokenize(
             "labels": datasets.List(datasets.Value("int32")),
             "length": datasets.Value("int32"),
             "_status": datasets.Value("int8"),
+            "_note": datasets.Value("string"),  # a malformed row's error; "folded" (system turn)
         }
     )
     encoded = ds.map(
@@ -255,14 +334,24 @@ def tokenize(
         dropped_no_target=sum(s == _NO_TARGET for s in status),
         truncated=sum(s == _TRUNCATED for s in status),
         skipped_malformed=sum(s == _MALFORMED for s in status),
+        format=fmt,
     )
+    if stats.skipped_malformed or encoder.renderer.use_template:
+        notes = encoded["_note"]
+        stats.malformed_examples = [_shorten(n, source) for s, n in zip(status, notes) if s == _MALFORMED][:_EXAMPLES]
+        stats.system_folded = sum(n == _FOLDED for n in notes)
     kept = encoded.filter(
         lambda batch: [s <= _TRUNCATED for s in batch],
         input_columns="_status",
         batched=True,
         new_fingerprint=Hasher.hash([fingerprint, "kept"]),
     )
-    return kept.remove_columns("_status"), stats
+    return kept.remove_columns(["_status", "_note"]), stats
+
+
+def _shorten(message: str, source: str) -> str:
+    """A row error without the file name the report line already starts with."""
+    return message.removeprefix(f"{source}: ")
 
 
 def _tokenizer_signature(tokenizer) -> str:
@@ -295,35 +384,37 @@ class _Encoder:
         self.train_on_inputs = train_on_inputs
         self.skip_malformed = skip_malformed
         self.bos_id = tokenizer.bos_token_id
-        # Prepend BOS ourselves only where the tokenizer would add one and the rendered text
-        # does not already start with it (chat templates usually emit it): never two BOS.
-        with_special = tokenizer("a")["input_ids"]
-        without = tokenizer("a", add_special_tokens=False)["input_ids"]
-        self.tokenizer_adds_bos = (
-            self.bos_id is not None and with_special[:1] == [self.bos_id] and without[:1] != [self.bos_id]
-        )
+        self.tokenizer_adds_bos = adds_bos(tokenizer)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        rendered: list[Rendered | None] = []
+        rendered: list[Rendered | str | None] = []  # a row's rendering, its error, or None: nothing to train
         for row, index in zip(rows, indices):
             try:
                 turns = row_to_turns(row, self.fmt, source=self.source, index=index)
-                rendered.append(self.renderer.render(turns, index))
-            except RowError:
+                blank = not any(t.trainable and t.content.strip() for t in turns)
+                rendered.append(None if blank else self.renderer.render(turns, index))
+            except RowError as err:
                 if not self.skip_malformed:
                     raise
-                rendered.append(None)
-        texts = [r.text for r in rendered if r is not None]
-        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+                rendered.append(str(err))
+        texts = [r.text for r in rendered if isinstance(r, Rendered)]
+        encoded = (self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts
+                   else {"input_ids": [], "offset_mapping": []})  # the tokenizer fails on an empty batch
         pairs = iter(zip(encoded["input_ids"], encoded["offset_mapping"]))
-        out = {"input_ids": [], "labels": [], "length": [], "_status": []}
+        out = {"input_ids": [], "labels": [], "length": [], "_status": [], "_note": []}
         for r in rendered:
-            ids, labels, status = ([], [], _MALFORMED) if r is None else self._example(r, *next(pairs))
+            if isinstance(r, Rendered):
+                ids, labels, status = self._example(r, *next(pairs))
+                note = _FOLDED if r.folded_system else ""
+            else:
+                ids, labels = [], []
+                status, note = (_NO_TARGET, "") if r is None else (_MALFORMED, r)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["length"].append(len(ids))
             out["_status"].append(status)
+            out["_note"].append(note)
         return out
 
     def _example(self, r: Rendered, ids: list[int], offsets: list[tuple[int, int]]):
@@ -340,6 +431,24 @@ class _Encoder:
         if all(label == IGNORE_INDEX for label in labels):
             return [], [], _NO_TARGET
         return ids, labels, _TRUNCATED if truncated else _KEPT
+
+
+def adds_bos(tokenizer) -> bool:
+    """Does `tokenizer` put BOS in front of plain text? Rendered text is tokenized without
+    special tokens and BOS prepended only where the tokenizer would add one and the text does
+    not already start with it (chat templates usually emit it): never two BOS."""
+    bos = tokenizer.bos_token_id
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos is not None and with_special[:1] == [bos] and without[:1] != [bos]
+
+
+def encode_with_bos(tokenizer, text: str) -> list[int]:
+    """Token ids of rendered `text` with the BOS training puts in front of it (see adds_bos)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
 
 
 def _span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
