@@ -99,7 +99,7 @@ def predict(r: dict):
 def table(results: list[dict]) -> str:
     """One row per configuration: the median of its runs against the prediction."""
     head = ("| shape | seq | r | keep_matmuls_gb | kept layers | runs | measured GB (median; range) | "
-            "predicted GB | error | predicted peak in | load peak measured / predicted GB |")
+            "predicted GB | error | predicted peak in | heap slack GB | load peak measured / predicted GB |")
     rows = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     configs: dict[tuple, list[dict]] = {}
     for r in results:
@@ -111,8 +111,10 @@ def table(results: list[dict]) -> str:
         plan = predict(r)
         peak = plan.peak_bytes / 1e9
         err = (peak - measured) / measured
+        # what the heap held beyond the plan's live tensors at the peak (its allocator term's measure)
+        slack = measured - (plan.peak_bytes - plan.terms["allocator"]) / 1e9
         rows.append(f"| {r['shape']} | {r['seq']} | {r['rank']} | {r['keep']:g} | {plan.kept_layers} | {len(runs)} | "
-                    f"{measured:.3f}{spread} | {peak:.3f} | {100 * err:+.1f}% | {plan.peak_phase} | "
+                    f"{measured:.3f}{spread} | {peak:.3f} | {100 * err:+.1f}% | {plan.peak_phase} | {slack:.3f} | "
                     f"{statistics.median(x['load_peak_gb'] for x in runs):.3f} / "
                     f"{plan.phase_bytes['load'] / 1e9:.3f} |")
     return "\n".join(rows)
