@@ -228,7 +228,7 @@ STEP_TERMS = ("lora_grads", "optimizer_step", "checkpoint_inputs", "kept_matmuls
 # temporaries, so a step's slack grows with what one pass through the layers churns (layers x
 # one layer's saved and in-flight tensors) until the trims cap it. Measured at the peak, above
 # the plan's live tensors (benchmarks/plan_vs_measured.py, its "heap slack" column;
-# benchmarks/README.md, "qlora plan vs measured"): 0.18-0.29 GB wherever a pass churns >= 0.9
+# benchmarks/README.md, "qlora plan vs measured"): 0.16-0.29 GB wherever a pass churns >= 0.9
 # GB (170M at 1024 tokens, 1.3B, 7B), so the plan takes CPU_HEAP_FILL of the budget (0.20 GB);
 # 0.08-0.17 GB (median 0.14) at 170M/256 tokens, which churns 0.22 GB a pass; ~0 at stories260K
 # (0.006-0.03 GB a pass). CPU_HEAP_CHURN is the median ratio at 170M/256 (0.14 / 0.22): the
