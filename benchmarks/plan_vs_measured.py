@@ -14,8 +14,11 @@ state exists from the second step on, and later steps repeat it.
 
 `--configs SEQ:R:KEEP,...` runs those configurations instead of the full product (e.g. a half
 fraction of it where every value still appears, for the 7B shape: each run takes minutes).
-`--from-json FILE...` prints the table again from saved measurements, with the predictions of
-the current `qlora.plan` (the measurements do not depend on it).
+`--repeats N` measures every configuration N times: glibc's heap makes the same run's peak
+differ by up to ~10% at 170M, so the table compares the prediction with the median of the
+runs of a configuration and shows their range. `--from-json FILE...` prints the table again
+from saved measurements (runs of one configuration in several files are pooled), with the
+predictions of the current `qlora.plan` (the measurements do not depend on it).
 Random-weight checkpoints come from _shapes.py (`/tmp/qlora-bench`, `QLORA_BENCH_CACHE`).
 """
 
@@ -25,6 +28,7 @@ import argparse
 import itertools
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -93,16 +97,26 @@ def predict(r: dict):
 
 
 def table(results: list[dict]) -> str:
-    head = ("| shape | seq | r | keep_matmuls_gb | kept layers | measured GB | predicted GB | error | "
-            "predicted peak in | load peak measured / predicted GB |")
+    """One row per configuration: the median of its runs against the prediction."""
+    head = ("| shape | seq | r | keep_matmuls_gb | kept layers | runs | measured GB (median; range) | "
+            "predicted GB | error | predicted peak in | heap slack GB | load peak measured / predicted GB |")
     rows = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    configs: dict[tuple, list[dict]] = {}
     for r in results:
+        configs.setdefault((r["shape"], r["seq"], r["rank"], r["keep"]), []).append(r)
+    for runs in configs.values():
+        r, peaks = runs[0], [x["run_peak_gb"] for x in runs]
+        measured = statistics.median(peaks)
+        spread = f"; {min(peaks):.3f}-{max(peaks):.3f}" if len(runs) > 1 else ""
         plan = predict(r)
         peak = plan.peak_bytes / 1e9
-        err = (peak - r["run_peak_gb"]) / r["run_peak_gb"]
-        rows.append(f"| {r['shape']} | {r['seq']} | {r['rank']} | {r['keep']:g} | {plan.kept_layers} | "
-                    f"{r['run_peak_gb']:.3f} | {peak:.3f} | {100 * err:+.1f}% | {plan.peak_phase} | "
-                    f"{r['load_peak_gb']:.3f} / {plan.phase_bytes['load'] / 1e9:.3f} |")
+        err = (peak - measured) / measured
+        # what the heap held beyond the plan's live tensors at the peak (its allocator term's measure)
+        slack = measured - (plan.peak_bytes - plan.terms["allocator"]) / 1e9
+        rows.append(f"| {r['shape']} | {r['seq']} | {r['rank']} | {r['keep']:g} | {plan.kept_layers} | {len(runs)} | "
+                    f"{measured:.3f}{spread} | {peak:.3f} | {100 * err:+.1f}% | {plan.peak_phase} | {slack:.3f} | "
+                    f"{statistics.median(x['load_peak_gb'] for x in runs):.3f} / "
+                    f"{plan.phase_bytes['load'] / 1e9:.3f} |")
     return "\n".join(rows)
 
 
@@ -114,6 +128,7 @@ def main() -> None:
     ap.add_argument("--keeps", default="0,1.0", help="train.keep_matmuls_gb values")
     ap.add_argument("--configs", help="SEQ:R:KEEP,... instead of the product of --seqs, --ranks, --keeps")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each configuration")
     ap.add_argument("--json", type=Path, help="write the measurements here (after each configuration)")
     ap.add_argument("--from-json", type=Path, nargs="+", help="print the table from saved measurements")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -140,7 +155,7 @@ def main() -> None:
     else:
         runs = list(itertools.product([int(s) for s in args.seqs.split(",")], [int(r) for r in args.ranks.split(",")],
                                       [float(k) for k in args.keeps.split(",")]))
-    for shape, (seq, rank, keep) in itertools.product(shapes, runs):
+    for shape, (seq, rank, keep), _ in itertools.product(shapes, runs, range(args.repeats)):
         _shapes.model_path(shape)  # written once, outside the measured process
         r = measure(shape, seq, rank, keep, args.steps)
         results.append(r)
@@ -149,7 +164,8 @@ def main() -> None:
               f"{r['wall_s']:.0f} s)", flush=True)
         if args.json:
             args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()
-                                                      if k in ("shapes", "seqs", "ranks", "keeps", "configs", "steps")},
+                                                      if k in ("shapes", "seqs", "ranks", "keeps", "configs", "steps",
+                                                                "repeats")},
                                              "results": results}, indent=1))
     print()
     print(table(results))

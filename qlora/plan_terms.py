@@ -183,7 +183,7 @@ def persistent_terms(shape: ModelShape, w: Workload, device: str, resident: int 
         weights = sum(map(sum, parts)) * resident + sum(k for _, k in parts) * (shape.layers - resident)
     streamed = resident < shape.layers
     # The home counts against this device only when it is this device's memory (offload cpu
-    # on a CPU run). The ring: the layer in use and the one being prefetched.
+    # on a CPU run).
     home = offload_home_bytes(shape, w, resident) if device == "cpu" and w.offload == "cpu" else 0
     norms = (2 * c + (2 * shape.head_dim if shape.qk_norm else 0)) * shape.layers + c
     biases = (lin["q_proj"][0] + 2 * lin["k_proj"][0]) if shape.qkv_bias else 0
