@@ -91,15 +91,20 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[LoraConfig, dict]:
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Add LoRA layers to `model` as the adapter describes, then load its weights (strict)."""
-    s, _ = read_adapter_config(adapter_dir)
-    weights = Path(adapter_dir) / WEIGHTS_NAME
-    check_adapter_weights(Path(adapter_dir))
-    state = load_file(str(weights))
-    s = dataclasses.replace(s, dtype=factor_dtype(next(iter(state.values())).dtype if state else torch.bfloat16))
+    s, state = read_adapter_weights(adapter_dir)
     if not lora_layers(model):
         add_lora(model, s)
-    load_adapter_weights(model, state, source=str(weights))
+    load_adapter_weights(model, state, source=str(Path(adapter_dir) / WEIGHTS_NAME))
     return model
+
+
+def read_adapter_weights(adapter_dir: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The adapter's settings, with `dtype` that of its stored factors, and its factors."""
+    s, _ = read_adapter_config(adapter_dir)
+    check_adapter_weights(Path(adapter_dir))
+    state = load_file(str(Path(adapter_dir) / WEIGHTS_NAME))
+    dtype = factor_dtype(next(iter(state.values())).dtype if state else torch.bfloat16)
+    return dataclasses.replace(s, dtype=dtype), state
 
 
 def check_adapter_weights(adapter_dir: Path) -> None:

@@ -18,9 +18,8 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
-from .adapter import WEIGHTS_NAME, factor_dtype, load_adapter_weights, read_adapter_config
+from .adapter import WEIGHTS_NAME, load_adapter_weights, read_adapter_weights
+from .config import LoraConfig
 from .errors import QloraError
 from .lora import add_lora, remove_lora
 from .resolve import ModelSource, resolve
@@ -47,7 +46,8 @@ class AdapterSet:
     sources: dict[str, ModelSource]
     """Each adapter's resolved source (its data format renders its prompts)."""
     current: str | None = None
-    _factors: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    _adapters: dict[str, tuple[LoraConfig, dict[str, torch.Tensor]]] = dataclasses.field(default_factory=dict)
+    """name -> (settings, factors), read once."""
 
     @classmethod
     def load(cls, adapters: dict[str, str | Path], *, base: str | Path | None = None,
@@ -75,10 +75,10 @@ class AdapterSet:
                 if mine != theirs:
                     raise QloraError(f"--adapter {name}: its {what} ({_show(mine)}) differs from "
                                      f"{first}'s ({_show(theirs)}); adapters of a set share one base")
-        factors = {name: load_file(str(src.adapter / WEIGHTS_NAME)) for name, src in sources.items()}
+        read = {name: read_adapter_weights(src.adapter) for name, src in sources.items()}
         # the base, once, the way training held it (placement included)
         model = load_base(ref, resolve_device(device))
-        self = cls(model, load_tokenizer(ref.tokenizer), sources, _factors=factors)
+        self = cls(model, load_tokenizer(ref.tokenizer), sources, _adapters=read)
         self.use(first)
         return self
 
@@ -88,12 +88,10 @@ class AdapterSet:
             raise QloraError(f"no adapter named {name!r} (have {', '.join(self.sources)})")
         if name == self.current:
             return self.model
-        src, state = self.sources[name], self._factors[name]
-        s, _ = read_adapter_config(src.adapter)
-        s = dataclasses.replace(s, dtype=factor_dtype(next(iter(state.values())).dtype))
+        s, state = self._adapters[name]
         remove_lora(self.model)
         add_lora(self.model, s)  # fresh factors on each base layer's device, then the adapter's
-        load_adapter_weights(self.model, state, source=str(src.adapter / WEIGHTS_NAME))
+        load_adapter_weights(self.model, state, source=str(self.sources[name].adapter / WEIGHTS_NAME))
         self.model.eval()
         self.current = name
         return self.model

@@ -55,9 +55,17 @@ class BaseCheckpoint:
             suffix = f".quant_state.bitsandbytes__{self.prequantized.quant_type}"
             for name in self.read.names():
                 if name.endswith(suffix):
-                    weight = name[: -len(suffix)]
-                    self.packed[weight] = self._state(weight, "cpu").shape
+                    self.packed[name[: -len(suffix)]] = self._shape(name)
         self.entries = self._entries()
+
+    def _shape(self, state_name: str) -> tuple[int, ...]:
+        """(out, in) of a packed linear from its serialized state alone (a few hundred bytes
+        of JSON): its scales are read only when the weight is (at 65B they are ~1 GB)."""
+        from bitsandbytes.utils import unpack_tensor_to_dict
+        try:
+            return tuple(unpack_tensor_to_dict(self.read(state_name))["shape"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise QloraError(f"{self.read.label}: {state_name} is not a 4-bit quantization state ({e})") from None
 
     def _entries(self) -> list[BaseTensor]:
         parts = ({f"{w}.{p.removeprefix('weight.')}" for w in self.packed
@@ -91,16 +99,11 @@ class BaseCheckpoint:
     def packed_weight(self, name: str, device: str | torch.device = "cpu"):
         """(uint8 codes (n*k/2, 1), bitsandbytes QuantState) of packed linear `name`, on
         `device`, checked against each other as loading checks them."""
-        state, parts = self._state(name, device, with_parts=True)
-        check_parts(name.removesuffix(".weight"), parts, self.prequantized, state.shape, state,
+        parts = {p: self.read(f"{name}{p.removeprefix('weight')}") for p in self.prequantized.required()}
+        state = quant_state(parts, self.compute_dtype, device, self.read.label)
+        check_parts(name.removesuffix(".weight"), parts, self.prequantized, self.packed[name], state,
                     self.read.label)
         return parts["weight"].to(device), state
-
-    def _state(self, name: str, device, with_parts: bool = False):
-        parts = {p: self.read(f"{name}{p.removeprefix('weight')}") for p in self.prequantized.required()
-                 if p != "weight" or with_parts}
-        state = quant_state(parts, self.compute_dtype, device, self.read.label)
-        return (state, parts) if with_parts else state
 
 
 def prequantized_in(folder: Path) -> Prequantized | None:
