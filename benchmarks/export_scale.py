@@ -16,6 +16,10 @@ many decoder layers):
 The parent imports nothing heavy: a child's peak starts from what it inherited, so each step
 runs in a fresh interpreter. What is claimed from these figures: peak RSS does not grow with
 depth (the 65B layer shape at 2 and 4 layers), and its size at full depth (Llama-2-7B).
+
+`--prequantized` (65b shapes only): the base is a pre-quantized NF4 + double-quant checkpoint
+written directly in that form (offload.py's writer; no 16-bit original exists), so the export
+merges into its dequantized weights (base_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -31,6 +35,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _child import gb, last_json, run_child  # noqa: E402
+
+PREQUANTIZED = r"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import _shapes, offload
+layers, rank, adapter = int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+base = offload.checkpoint(layers, log=lambda m: print(m, file=sys.stderr, flush=True))
+n = _shapes.write_random_adapter(adapter, base, rank)
+params = sum(__import__("math").prod(s) for s in _shapes.param_shapes(_shapes.llama_config("65b", layers)).values())
+size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+print(json.dumps({"base": str(base), "synthetic": True, "linears": n, "params": params, "bytes": size}))
+"""
 
 EXPORT = r"""
 import json, re, sys, time
@@ -55,8 +72,12 @@ def main() -> None:
     ap.add_argument("--tmp", default=None, help="parent folder for the adapters and exports")
     ap.add_argument("--keep-checkpoints", action="store_true",
                     help="keep the random checkpoints in the cache (QLORA_BENCH_CACHE) for a rerun")
+    ap.add_argument("--prequantized", action="store_true",
+                    help="65b shapes: a base written directly in pre-quantized NF4 form (checkpoint GB is its size)")
     ap.add_argument("--json", type=Path, help="also write every figure here")
     args = ap.parse_args()
+    if args.prequantized and any(not s.startswith("65b:") for s in args.shapes.split(",")):
+        raise SystemExit("--prequantized: only 65b:LAYERS shapes (offload.py writes that form)")
 
     rows = []
     for spec in args.shapes.split(","):
@@ -64,9 +85,10 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="qlora-export-scale-", dir=args.tmp))
         try:
             t = time.perf_counter()
-            facts = last_json(run_child([sys.executable, str(HERE / "_shapes.py"), shape, layers or "0",
-                                         str(args.rank), str(tmp / "adapter")])[0])
-            print(f"{spec}: {facts['params'] / 1e9:.3f}B params, {gb(facts['bytes'])} GB bf16; adapter r "
+            writer = ([sys.executable, "-c", PREQUANTIZED, str(HERE), layers] if args.prequantized
+                      else [sys.executable, str(HERE / "_shapes.py"), shape, layers or "0"])
+            facts = last_json(run_child([*writer, str(args.rank), str(tmp / "adapter")])[0])
+            print(f"{spec}: {facts['params'] / 1e9:.3f}B params, {gb(facts['bytes'])} GB on disk; adapter r "
                   f"{args.rank} on {facts['linears']} linears ({time.perf_counter() - t:.0f}s to write)", flush=True)
             out, maxrss = run_child([sys.executable, "-c", EXPORT, str(tmp / "adapter"), str(tmp / "out"),
                                      "0" if args.no_verify else "1", args.device])
@@ -91,6 +113,7 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nqlora export --dtype fp16{' --no-verify' if args.no_verify else ''}, adapter r {args.rank}, "
+          f"{'pre-quantized NF4 base, ' if args.prequantized else ''}"
           f"device {rows[0]['device'] if rows else '?'}")
     print("| shape | params | checkpoint GB | peak RSS GB (VmHWM) | ru_maxrss GB | export s | of which verify s |")
     print("|---|---|---|---|---|---|---|")
