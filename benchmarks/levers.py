@@ -13,6 +13,8 @@ configuration. Each configuration switches one lever back to what qlora did befo
   release per layer    -> RSS checked (and the heap trimmed once it grew by
                           memory.LAYER_TRIM_BUDGET) only after the forward pass and after the
                           optimizer step, not also before each layer's forward and backward
+  shared adapter input -> a dropout mask and an A GEMM per adapter, not one per q/k/v and
+                          gate/up group (lora.fuse_shared_inputs false)
   keep matmul outputs  -> (off by default) train.keep_matmuls_gb large enough for every layer
 
 "peak GB" is VmHWM after the configuration's steps, reset to the current RSS before them, so
@@ -42,9 +44,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="passes over all configurations")
+    ap.add_argument("--lora-dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                    help="lora.dtype of the adapters")
     ap.add_argument("--configs", default="all",
-                    help="comma list of rows to run: default, tiled, mask, release, layer-release, "
-                         "none, keep (the 'without ...' rows are named by their lever)")
+                    help="comma list of rows to run: default, tiled, mask, shared, release, "
+                         "layer-release, none, keep (the 'without ...' rows are named by their lever)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -61,7 +65,7 @@ def main() -> None:
     path = _shapes.model_path(args.shape)
     torch.manual_seed(0)
     model = qmodel.load_model(path, device="cpu")
-    add_lora(model, LoraConfig(r=16, alpha=32, dropout=0.05))
+    add_lora(model, LoraConfig(r=16, alpha=32, dropout=0.05, dtype=args.lora_dtype))
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], "paged_adamw_8bit", 1e-4, 0.0)
     vocab = model.config.vocab_size
     layers = qmodel.decoder_layers(model)
@@ -83,6 +87,10 @@ def main() -> None:
         quant._cpu_input_grad = before["cpu_input_grad"] if "tiled" in off else current["cpu_input_grad"]
         lora.drop_unscaled = before["drop"] if "mask" in off else current["drop"]
         memory.release_freed_memory = before["release"] if "release" in off else current["release"]
+        if "shared" in off:
+            lora.unshare_inputs(model)
+        else:
+            lora.share_inputs(model)
         qmodel.enable_gradient_checkpointing(model, keep_matmul_layers=len(layers) if keep else 0)
         for h in hooks:
             h.remove()
@@ -102,9 +110,10 @@ def main() -> None:
         "default": ("qlora default (all levers)", set(), False),
         "tiled": ("  without tiled 4-bit matmul", {"tiled"}, False),
         "mask": ("  without 16-bit dropout mask", {"mask"}, False),
+        "shared": ("  without shared adapter inputs", {"shared"}, False),
         "release": ("  without release of freed memory", {"release", "layer-release"}, False),
         "layer-release": ("  without release per layer", {"layer-release"}, False),
-        "none": ("none of the levers", {"tiled", "mask", "release", "layer-release"}, False),
+        "none": ("none of the levers", {"tiled", "mask", "shared", "release", "layer-release"}, False),
         "keep": ("default + keep matmul outputs (all layers)", set(), True),
     }
     keys = list(all_configs) if args.configs == "all" else args.configs.split(",")
@@ -131,7 +140,7 @@ def main() -> None:
                   f"  peak {hwm_gb():.2f} GB", flush=True)
     rows = [(name, statistics.median(times[name]), peaks[name], times[name]) for name, *_ in configs]
     base = rows[0][1]
-    print(f"\n{args.shape}, seq {args.seq}, batch 1; per row and round {args.warmup} warm-up + "
+    print(f"\n{args.shape}, seq {args.seq}, batch 1, lora.dtype {args.lora_dtype}; per row and round {args.warmup} warm-up + "
           f"{args.steps} timed steps, {args.rounds} rounds; s/step = median of all timed steps")
     print("| configuration | s/step | tok/s | vs default | peak RSS GB |")
     print("|---|---|---|---|---|")

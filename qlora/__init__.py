@@ -1,3 +1,3 @@
-"""qlora: QLoRA fine-tuning with an NF4 base through bitsandbytes and bf16 LoRA factors."""
+"""qlora: QLoRA fine-tuning with an NF4 base through bitsandbytes and LoRA factors."""
 
 __version__ = "0.1.0"

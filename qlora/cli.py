@@ -239,7 +239,7 @@ def _demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora", description=(
-        "QLoRA fine-tuning: a frozen 4-bit NF4 base (bitsandbytes) with bf16 LoRA factors, "
+        "QLoRA fine-tuning: a frozen 4-bit NF4 base (bitsandbytes) with LoRA factors, "
         "PEFT-compatible adapters, resumable runs and streaming fp16/bf16 export."))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

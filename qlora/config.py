@@ -147,13 +147,13 @@ class LoraConfig(_Section):
     rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(r) instead of alpha / r."""
     dtype: LoraDtype = "auto"
-    """Storage dtype of the adapter weights; 'auto' is bfloat16 with model.compute_dtype bfloat16, else float32."""
+    """Dtype of the adapter weights and their arithmetic; 'auto' is float32 (as PEFT): bf16 factors cannot take an Adam update below ~0.4% of themselves, and cost 0.004 eval loss on SmolLM2 (benchmarks/README.md, fidelity). bfloat16 halves their memory."""
+    fuse_shared_inputs: bool = True
+    """Adapters of projections that read the same input (q/k/v; gate/up) draw one dropout mask and run one GEMM for their A factors together; false gives each its own mask, as PEFT does. Saved adapters are the same either way."""
 
-    def resolved_dtype(self, compute_dtype: str) -> str:
-        """The adapter dtype this section means with `compute_dtype` (resolves 'auto')."""
-        if self.dtype != "auto":
-            return self.dtype
-        return "bfloat16" if compute_dtype == "bfloat16" else "float32"
+    def resolved_dtype(self) -> str:
+        """The adapter dtype this section means ('auto' resolved)."""
+        return "float32" if self.dtype == "auto" else self.dtype
 
     @property
     def scaling(self) -> float:

@@ -5,6 +5,10 @@
 A starts Kaiming-uniform and B at zero, so an untouched adapter is exactly the base model.
 Module paths follow PEFT (`<linear>.base_layer`, `<linear>.lora_A`, `<linear>.lora_B`) so the
 saved keys are PEFT's with no renaming table.
+
+Projections that read one tensor (q/k/v, gate/up) share their adapters' input side
+(`SharedInput`, lora.fuse_shared_inputs): one dropout mask and one GEMM with the A factors
+stacked, instead of one of each per projection. The factors stay separate parameters.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraConfig
-from .dtypes import dtype_name, dtype_named
+from .dtypes import dtype_named
 from .model import target_linears
 
 
@@ -26,15 +31,13 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.r, self.scaling, self.dropout = s.r, s.scaling, s.dropout
-        # lora.dtype auto follows the compute dtype this layer runs in (a 4-bit layer's own
-        # compute_dtype; a 16-bit layer's weight dtype): bf16 factors for bf16, else fp32.
-        compute = getattr(base_layer, "compute_dtype", None) or base_layer.weight.dtype
-        dtype = dtype_named(s.resolved_dtype(dtype_name(compute)), "lora.dtype")
+        dtype = dtype_named(s.resolved_dtype(), "lora.dtype")
         device = base_layer.weight.device
         self.lora_A = nn.Linear(base_layer.in_features, s.r, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(s.r, base_layer.out_features, bias=False, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.shared: SharedInput | None = None  # set by add_lora for q/k/v and gate/up
 
     @property
     def in_features(self) -> int:
@@ -46,15 +49,104 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
         out = self.base_layer(x)  # (B, T, out), frozen
-        x = x.to(self.lora_A.weight.dtype)
-        scaling = self.scaling
-        if self.training and self.dropout > 0:
-            # Inverted dropout with its 1/(1-p) folded into the scale: A is linear, so
-            # A(x * m / (1-p)) = A(x * m) / (1-p), and the scale is applied on the r-wide side.
-            x = drop_unscaled(x, self.dropout)
-            scaling = scaling / (1 - self.dropout)
-        a = self.lora_A(x) * scaling  # (B, T, r): cheaper to scale here than on the out side
-        return out + self.lora_B(a).to(out.dtype)  # (B, T, out)
+        if self.shared is not None:
+            a = self.shared.down(self, x)
+        else:
+            a = lora_down(x, self.lora_A.weight, self.scaling, self.dropout if self.training else 0.0)
+        return lora_up(out, a, self.lora_B.weight)  # (B, T, out)
+
+
+def lora_up(out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`out + B(a)`: the base output (B, T, out) plus B (out, r) applied to a (B, T, r), cast
+    to the base's dtype. (One `addmm` into `out` instead was 4% faster at 1.3B and 4% slower
+    on SmolLM2, benchmarks/README.md "#19 levers", so the plain sum stays.)"""
+    return out + F.linear(a, weight).to(out.dtype)
+
+
+def lora_down(x: torch.Tensor, weight: torch.Tensor, scaling: float, dropout: float) -> torch.Tensor:
+    """`scaling * A(dropout(x))`: (B, T, in) -> (B, T, rows of `weight`), in A's dtype.
+
+    Inverted dropout with its 1/(1-p) folded into the scale: A is linear, so
+    A(x * m / (1-p)) = A(x * m) / (1-p), and the scale is applied on the r-wide side, where
+    it is cheaper than on the in-wide input or the out-wide output.
+    """
+    x = x.to(weight.dtype)
+    if dropout > 0:
+        x = drop_unscaled(x, dropout)
+        scaling = scaling / (1 - dropout)
+    return F.linear(x, weight) * scaling  # (B, T, r)
+
+
+class SharedInput:
+    """The adapters of projections that transformers calls with one tensor (q/k/v: the
+    normed hidden state; gate/up: the normed attention output).
+
+    The first of them to see a new input computes the A side of all: one dropout mask and
+    one GEMM with their A factors stacked, (B, T, in) @ (in, n*r). The others find that input
+    (the same object, unmodified) and take their r columns. At 1.3B this draws 34% fewer
+    mask elements per layer than a mask per projection and runs 4 A GEMMs instead of 7
+    (`benchmarks/levers.py`). A projection called with another tensor than its siblings (a
+    cross-attention's keys, say) computes its own, so the result is never wrong, only
+    unshared. Checkpointing's recompute calls the projections in the same order, so it
+    replays the same masks.
+    """
+
+    def __init__(self, members: list[LoRALinear]):
+        self.members = members
+        self._x: torch.Tensor | None = None
+        self._version = -1
+        self._a: torch.Tensor | None = None  # (B, T, n*r), until every member took its part
+        self._waiting: list[LoRALinear] = []
+
+    def down(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """`layer`'s scaling * A(dropout(x)), shared with its siblings: (B, T, r)."""
+        if not (x is self._x and _version(x) == self._version and layer in self._waiting):
+            self._compute(layer, x)
+        self._waiting.remove(layer)
+        i, r = self.members.index(layer), layer.r
+        a = self._a[..., i * r:(i + 1) * r]
+        if not self._waiting:  # everyone served: do not keep the activation alive
+            self._x = self._a = None
+        return a
+
+    def _compute(self, layer: LoRALinear, x: torch.Tensor) -> None:
+        weight = torch.cat([m.lora_A.weight for m in self.members])  # (n*r, in)
+        self._a = lora_down(x, weight, layer.scaling, layer.dropout if layer.training else 0.0)
+        self._x, self._version, self._waiting = x, _version(x), list(self.members)
+
+
+def _version(x: torch.Tensor) -> int:
+    """How often `x` was modified in place (inference-mode tensors do not count: -1)."""
+    return -1 if x.is_inference() else x._version
+
+
+# Projections of one decoder layer that transformers' Llama-style modules call with the
+# same tensor (LlamaAttention, LlamaMLP, and the families that copy them).
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def share_inputs(model: nn.Module) -> int:
+    """Give sibling adapters of a SHARED_INPUT_GROUPS group one SharedInput; return the
+    number of groups. Siblings must agree on rank, scaling, dropout and dtype (one adapter's
+    do), else they stay on their own."""
+    groups = 0
+    for parent in model.modules():
+        for names in SHARED_INPUT_GROUPS:
+            members = [m for n in names if isinstance(m := getattr(parent, n, None), LoRALinear)]
+            if len(members) < 2 or len({(m.r, m.scaling, m.dropout, m.lora_A.weight.dtype)
+                                        for m in members}) > 1:
+                continue
+            group = SharedInput(members)
+            for m in members:
+                m.shared = group
+            groups += 1
+    return groups
+
+
+def unshare_inputs(model: nn.Module) -> None:
+    """Undo `share_inputs`: every adapter computes its own input side again."""
+    for layer in lora_layers(model).values():
+        layer.shared = None
 
 
 def drop_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -88,6 +180,8 @@ def add_lora(model: nn.Module, s: LoraConfig) -> list[str]:
     for name, linear in linears.items():
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, LoRALinear(linear, s))
+    if s.fuse_shared_inputs:
+        share_inputs(model)
     model.qlora_lora = s
     return sorted({n.rsplit(".", 1)[-1] for n in linears})
 

@@ -53,6 +53,8 @@ class Workload:
     """Adapted leaf names of one decoder layer (lora.targets resolved)."""
     dropout: bool
     """lora.dropout > 0: the adapters save a mask and a dropped copy of their input."""
+    shared_inputs: bool
+    """lora.fuse_shared_inputs: q/k/v and gate/up adapters save one dropped input per group."""
     lora_itemsize: int
     """Bytes per LoRA parameter (lora.dtype)."""
     compute_itemsize: int
@@ -83,7 +85,8 @@ class Workload:
                              f"({', '.join(LAYER_LINEARS)})")
         return cls(batch_size=t.batch_size, grad_accum=t.grad_accum, max_seq_len=d.max_seq_len,
                    masked=t.batch_size > 1 or d.packing, r=lo.r, targets=targets, dropout=lo.dropout > 0,
-                   lora_itemsize=ITEMSIZE[lo.resolved_dtype(m.compute_dtype)],
+                   shared_inputs=lo.fuse_shared_inputs,
+                   lora_itemsize=ITEMSIZE[lo.resolved_dtype()],
                    compute_itemsize=ITEMSIZE[m.compute_dtype],
                    quantization=m.quantization, double_quant=m.double_quant, optimizer=t.optimizer,
                    checkpointing=t.gradient_checkpointing, keep_matmuls_gb=t.keep_matmuls_gb,
@@ -211,18 +214,22 @@ def layer_terms(shape: ModelShape, w: Workload, device: str) -> dict[str, int]:
     c, f, lin = shape.hidden, shape.intermediate, shape.linears()
     q, kv = lin["q_proj"][0], lin["k_proj"][0]
     # The adapters' saved inputs: with dropout the mask (bool on CPU, a Bernoulli draw in the
-    # LoRA dtype on CUDA: qlora.lora.drop_unscaled) and the dropped copy each; without, the
-    # input itself, shared by adapters reading the same tensor.
+    # LoRA dtype on CUDA: qlora.lora.drop_unscaled) and the dropped copy; without, the input
+    # itself, shared by adapters reading the same tensor. Each adapter saves its own, except
+    # that with lora.fuse_shared_inputs a q/k/v or gate/up group saves one (lora.SharedInput).
     groups = {("q_proj", "k_proj", "v_proj"): c, ("o_proj",): q, ("gate_proj", "up_proj"): c,
               ("down_proj",): f}
     adapter_saved = {}
     for names, width in groups.items():
         mine = [n for n in names if n in w.targets]
-        if w.dropout:
+        copies = 1 if (w.shared_inputs and len(mine) > 1) else len(mine)
+        if w.dropout and mine:
             per = m * width * ((1 if device == "cpu" else la) + la)
-            adapter_saved.update({n: per for n in mine})
-        elif mine:  # one shared tensor when it already has the LoRA dtype, else a cast per adapter
-            adapter_saved[mine[0]] = m * width * (a if la == a else la * len(mine))
+            adapter_saved.update({n: per if i < copies else 0 for i, n in enumerate(mine)})
+        elif mine:  # one shared tensor when it already has the LoRA dtype, else a cast per copy
+            adapter_saved[mine[0]] = m * width * (a if la == a else la * copies)
+        if mine and copies == 1 and len(mine) > 1:  # the group's stacked A factors, (n*r, in)
+            adapter_saved[mine[0]] += len(mine) * r * width * la
     if not w.dropout and la == a and "o_proj" in w.targets:
         adapter_saved["o_proj"] = 0  # o_proj's input is attention's output, saved below already
     lora_mid = len(w.targets) * m * r * la  # A(x) * scaling, saved by B

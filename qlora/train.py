@@ -109,7 +109,7 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False, force: 
                        device=acc.device, offload=r.model.offload,
                        offload_dir=r.model.offload_dir or run_dir / "offload",
                        resident_layers=r.model.resident_layers, cache_dir=r.model.cache_dir)
-    add_lora(model, r.lora)  # lora.dtype auto: from each layer's compute dtype (LoRALinear)
+    add_lora(model, r.lora)
     keep = 0
     if t.gradient_checkpointing:
         keep = matmul_layers_within(model, t.keep_matmuls_gb, t.batch_size * r.data.max_seq_len)

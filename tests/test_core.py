@@ -235,7 +235,7 @@ def test_lora_init_and_trainable_count(stories):
     assert targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     layers = lora_layers(model)
     assert all(torch.count_nonzero(l.lora_B.weight) == 0 for l in layers.values())
-    assert all(l.lora_A.weight.dtype == torch.bfloat16 for l in layers.values())
+    assert all(l.lora_A.weight.dtype == torch.float32 for l in layers.values())  # lora.dtype auto
     # B = 0: an untouched adapter is exactly the base model
     assert torch.equal(model(torch.arange(10).view(1, 10)).logits, before)
     expected = sum(4 * (l.in_features + l.out_features) for l in layers.values())
@@ -257,7 +257,7 @@ def test_peft_loads_our_adapter(stories, tmp_path):
     randomize_lora(ours)
     save_adapter(ours, tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(
-        reference_4bit(stories), tmp_path / "adapter", autocast_adapter_dtype=False).train()
+        reference_4bit(stories), tmp_path / "adapter").train()  # fp32 factors, as ours
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = ours(ids).logits.float(), peft_model(ids).logits.float()
@@ -269,8 +269,8 @@ def test_peft_loads_our_adapter(stories, tmp_path):
 def test_we_load_peft_adapter(stories, tmp_path):
     from peft import LoraConfig, get_peft_model
     peft_model = get_peft_model(reference_4bit(stories), LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
-        autocast_adapter_dtype=False)  # keep PEFT's factors bf16 like ours (it upcasts by default)
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    # PEFT's default upcasts the factors to fp32, as qlora's lora.dtype auto
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_" in n:

@@ -32,11 +32,12 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 def recipe(path, *, r=8, dropout=0.05, seq=64, batch=1, optimizer="adamw_torch", lora_dtype="bfloat16",
            targets="all-linear", keep=0.0, quantization="nf4", double_quant=True, checkpointing=True,
-           offload="none", resident="auto"):
+           offload="none", resident="auto", fuse=True):
     return recipe_from_dict({
         "model": {"name_or_path": str(path), "quantization": quantization, "double_quant": double_quant,
                   "offload": offload, "resident_layers": resident},
-        "lora": {"r": r, "alpha": 2 * r, "dropout": dropout, "dtype": lora_dtype, "targets": targets},
+        "lora": {"r": r, "alpha": 2 * r, "dropout": dropout, "dtype": lora_dtype, "targets": targets,
+                 "fuse_shared_inputs": fuse},
         "data": {"path": "unused.jsonl", "max_seq_len": seq},
         "train": {"output_dir": "unused", "batch_size": batch, "optimizer": optimizer,
                   "keep_matmuls_gb": keep, "gradient_checkpointing": checkpointing}})
@@ -171,7 +172,7 @@ def test_lora_gradient_and_optimizer_state_terms_after_a_step(gqa_model, optimiz
     # r 32 at width 128/352: A of q is 4096 elements (8-bit state), B of k is 2048 (fp32 state)
     rec = recipe(gqa_model, r=32, optimizer=optimizer)
     model = load_model(gqa_model)
-    add_lora(model, LoraConfig(r=32, alpha=64, dropout=0.05))
+    add_lora(model, LoraConfig(r=32, alpha=64, dropout=0.05, dtype="bfloat16"))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, optimizer, 1e-3, 0.0)
     x = torch.randint(0, 300, (1, 32))
@@ -212,13 +213,16 @@ def test_paged_state_is_the_factors_of_1e5_elements_and_more():
     (0.1, 2, "bfloat16", "all-linear"),  # padded batch: a mask, K/V repeated to every head
     (0.0, 2, "float32", "all-linear"), (0.1, 1, "float32", ["q_proj", "v_proj", "down_proj"]),
     (0.0, 1, "bfloat16", ["k_proj", "o_proj", "up_proj"])])
-def test_one_layers_saved_activations_are_what_autograd_saves(gqa_model, dropout, batch, lora_dtype, targets):
+@pytest.mark.parametrize("fuse", [True, False], ids=["shared-inputs", "separate"])
+def test_one_layers_saved_activations_are_what_autograd_saves(gqa_model, dropout, batch, lora_dtype, targets,
+                                                             fuse):
     """What a decoder layer saves for backward (= what the checkpoint's recompute rebuilds),
     counted by saved-tensor hooks: layer_saved + attention_layer, to the byte. Layer 1: the
     first layer's input needs no gradient, so its first norm saves nothing."""
-    rec = recipe(gqa_model, dropout=dropout, batch=batch, lora_dtype=lora_dtype, targets=targets)
+    rec = recipe(gqa_model, dropout=dropout, batch=batch, lora_dtype=lora_dtype, targets=targets, fuse=fuse)
     model = load_model(gqa_model)
-    add_lora(model, LoraConfig(r=8, alpha=16, dropout=dropout, targets=targets, dtype=lora_dtype))
+    add_lora(model, LoraConfig(r=8, alpha=16, dropout=dropout, targets=targets, dtype=lora_dtype,
+                               fuse_shared_inputs=fuse))
     model.train()
     x = torch.randint(0, 300, (batch, 64), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(x)
@@ -487,10 +491,10 @@ def test_readme_lists_the_current_plan_of_every_bundled_recipe(monkeypatch):
             assert (cell == "fits") == (peak <= size * 2**30), (name, size)
     llama = REPO / "recipes/llama31-8b-chat.yaml"
     sanity = [
-        ("42.4 GiB", load_recipe(REPO / "recipes/guanaco-65b.yaml")),
-        ("8.16 GiB", load_recipe(llama, ["lora.r=8", "lora.dropout=0", "train.optimizer=adamw_torch",
+        ("42.3 GiB", load_recipe(REPO / "recipes/guanaco-65b.yaml")),
+        ("8.54 GiB", load_recipe(llama, ["lora.r=8", "lora.dropout=0", "train.optimizer=adamw_torch",
                                          "data.packing=true"])),
-        ("6.53 GiB", load_recipe(llama, ["train.batch_size=1", "data.max_seq_len=512", "train.optimizer=adamw_8bit"])),
+        ("6.61 GiB", load_recipe(llama, ["train.batch_size=1", "data.max_seq_len=512", "train.optimizer=adamw_8bit"])),
     ]
     for text, rec in sanity:
         peak = plan_recipe(rec, "cuda:48GB").peak_bytes / 2**30
