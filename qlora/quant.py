@@ -36,10 +36,12 @@ BLOCKSIZE = 64  # QLoRA's NF4 block size: one absmax per 64 weights
 QUANT_TYPES = ("nf4", "fp4")
 
 
-# Weight rows dequantized at once on CPU: 4 MB of bf16 at in_features 4096. Tiling every
-# weight, even ones a whole-weight buffer would fit in the heap for, keeps the 1.3B training
-# peak at 1.83 GB instead of 2.18 GB (benchmarks/README.md), for ~4% of step time.
-TILE_ROWS = 512
+# Weight rows dequantized at once on CPU: 8 MB of bf16 at in_features 4096. Tiling every
+# weight, even ones a whole-weight buffer would fit in the heap for, keeps the training peak
+# low (1.3B: 1.83 GB instead of 2.18 GB whole, benchmarks/README.md). 1024, not 512: on AMX,
+# oneDNN runs (512, k) x (k, 512) GEMMs at half the rate of 1024-wide ones (1.1 vs 2.2
+# TFLOP/s), and the 1.3B step went from 69.7 to 95.9 tok/s ("#19 levers").
+TILE_ROWS = 1024
 
 
 def absmax_f32(state: QuantState) -> torch.Tensor:
@@ -102,14 +104,16 @@ def _dequantize_into(kernel, codes: torch.Tensor, scales: torch.Tensor, out: tor
 
 
 def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x2 @ W.T + bias` with W dequantized one row tile at a time.
+    """`x2 @ W.T + bias` with W dequantized one row tile (TILE_ROWS) at a time.
 
     Why tiles: bitsandbytes' CPU path dequantizes the whole weight per call. At 7B an MLP
     weight is 90 MB of bf16, above glibc's mmap threshold, so every call page-faults fresh
     memory (forward 84 ms vs 64 ms tiled at 11008 x 4096, benchmarks/matmul4bit.py), and
     90 MB more peak memory. Every tile is written into one buffer of a few MB, so a call
     allocates it once, not once per tile. Each output column is the same bf16 GEMM as
-    bitsandbytes', so the result is bitwise `bnb.matmul_4bit`'s.
+    bitsandbytes', so the result is bitwise `bnb.matmul_4bit`'s where the GEMM's rounding does
+    not depend on its width (CPUs without AMX); on AMX oneDNN rounds by shape, so it equals
+    bitsandbytes' to bf16 rounding, not bitwise (`benchmarks/matmul4bit.py`).
     """
     state, (m, k), n = weight.quant_state, x2.shape, weight.quant_state.shape[0]
     packed, absmax = weight.data.view(-1), absmax_f32(state)
