@@ -87,27 +87,26 @@ def recipe_for(name: str, model: Path, train_file: Path, out: Path, args, eval_f
 
 def eval_loss(target: Path, eval_file: Path, seq: int) -> dict:
     """Held-out loss of a run (its adapter on the 4-bit base it trained on) or an export."""
-    import torch
-    from qlora.evaluate import evaluate_model
     from qlora.generate import load_resolved
     from qlora.resolve import resolve
-    torch.manual_seed(0)
-    model, tok = load_resolved(resolve(target), "cpu")
-    with torch.no_grad():
-        r = evaluate_model(model, tok, eval_file, format="alpaca", max_seq_len=seq, batch_size=8)
-    return {"eval_loss": r["loss"], "eval_ppl": r["ppl"], "eval_tokens": r["tokens"]}
+    return held_out_loss(*load_resolved(resolve(target), "cpu"), eval_file, seq)
 
 
 def base_eval_loss(model_path: Path, eval_file: Path, seq: int, quantization: str, double_quant: bool) -> dict:
     """Held-out loss of the base alone, quantized as a configuration trains on it: what the
     adapter starts from (the quantization error it may partly learn to undo)."""
-    import torch
-    from qlora.evaluate import evaluate_model
     from qlora.model import load_model, load_tokenizer
     model = load_model(model_path, quantization=quantization, double_quant=double_quant, device="cpu")
+    return held_out_loss(model.eval(), load_tokenizer(model_path), eval_file, seq)
+
+
+def held_out_loss(model, tok, eval_file: Path, seq: int) -> dict:
+    """The same measurement for every model: loss over the held-out rows' answer tokens."""
+    import torch
+    from qlora.evaluate import evaluate_model
+    torch.manual_seed(0)
     with torch.no_grad():
-        r = evaluate_model(model.eval(), load_tokenizer(model_path), eval_file, format="alpaca",
-                           max_seq_len=seq, batch_size=8)
+        r = evaluate_model(model, tok, eval_file, format="alpaca", max_seq_len=seq, batch_size=8)
     return {"eval_loss": r["loss"], "eval_ppl": r["ppl"], "eval_tokens": r["tokens"]}
 
 
@@ -201,6 +200,13 @@ def windows(losses: list[float], parts: int = 5) -> list[float]:
             for i in range(0, size * parts, size) if losses[i:i + size]]
 
 
+# (run, run it is compared with, what the difference of their eval losses measures)
+DIFFERENCES = (("nf4_dq", "fp4_dq", "NF4+DQ vs FP4+DQ"),
+               ("nf4_dq", "nf4_dq_fp32", "bf16 vs fp32 LoRA factors"),
+               ("nf4_dq_seed2", "nf4_dq", "seed 8 vs seed 7 (the noise floor)"),
+               ("nf4_dq_shared", "nf4_dq", "shared vs per-adapter dropout masks"))
+
+
 def table(results: dict) -> str:
     runs, lines = results["runs"], []
     lines.append("| configuration | eval loss | perplexity | train loss by fifth of the run | train time (CPU time) |")
@@ -218,18 +224,11 @@ def table(results: dict) -> str:
     if "lora16" in runs and "nf4_dq" in runs:
         gap = runs["nf4_dq"]["eval_loss"] / runs["lora16"]["eval_loss"] - 1
         lines.append(f"\nNF4+DQ vs 16-bit LoRA: eval loss {gap:+.2%} ({'within' if abs(gap) <= 0.01 else 'outside'} 1%)")
-    if "fp4_dq" in runs and "nf4_dq" in runs:
-        d = runs["nf4_dq"]["eval_loss"] - runs["fp4_dq"]["eval_loss"]
-        lines.append(f"NF4+DQ vs FP4+DQ: eval loss {d:+.4f} (NF4 {'below' if d < 0 else 'not below'} FP4)")
-    if "nf4_dq_fp32" in runs and "nf4_dq" in runs:
-        d = runs["nf4_dq"]["eval_loss"] - runs["nf4_dq_fp32"]["eval_loss"]
-        lines.append(f"bf16 vs fp32 LoRA factors: eval loss {d:+.4f}")
-    if "nf4_dq_seed2" in runs and "nf4_dq" in runs:
-        d = runs["nf4_dq_seed2"]["eval_loss"] - runs["nf4_dq"]["eval_loss"]
-        lines.append(f"seed 8 vs seed 7 (the noise floor): eval loss {d:+.4f}")
-    if "nf4_dq_shared" in runs and "nf4_dq" in runs:
-        d = runs["nf4_dq_shared"]["eval_loss"] - runs["nf4_dq"]["eval_loss"]
-        lines.append(f"shared vs per-adapter dropout masks: eval loss {d:+.4f}")
+    for a, b, label in DIFFERENCES:
+        if a in runs and b in runs:
+            d = runs[a]["eval_loss"] - runs[b]["eval_loss"]
+            lines.append(f"{label}: eval loss {d:+.4f}" + (f" (NF4 {'below' if d < 0 else 'not below'} FP4)"
+                                                            if b == "fp4_dq" else ""))
     for name, r in runs.items():
         if r.get("eval_curve"):
             lines.append(f"{name} eval loss by step: " + ", ".join(f"{s} {v:.4f}" for s, v in r["eval_curve"]))

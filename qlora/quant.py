@@ -39,8 +39,8 @@ QUANT_TYPES = ("nf4", "fp4")
 # Weight rows dequantized at once on CPU: 8 MB of bf16 at in_features 4096. Tiling every
 # weight, even ones a whole-weight buffer would fit in the heap for, keeps the training peak
 # low (1.3B: 1.83 GB instead of 2.18 GB whole, benchmarks/README.md). 1024, not 512: on AMX,
-# oneDNN runs (512, k) x (k, 512) GEMMs at half the rate of 1024-wide ones (1.1 vs 2.2
-# TFLOP/s), and the 1.3B step went from 69.7 to 95.9 tok/s ("#19 levers").
+# oneDNN runs 512-wide tiles at about half the rate (7B forward 24 vs 48 ms,
+# benchmarks/matmul4bit.py), and the 1.3B step went from 69.7 to 89.9 tok/s ("#19 levers").
 TILE_ROWS = 1024
 
 
