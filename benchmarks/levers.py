@@ -15,6 +15,8 @@ configuration. Each configuration switches one lever back to what qlora did befo
                           optimizer step, not also before each layer's forward and backward
   shared adapter input -> a dropout mask and an A GEMM per adapter, not one per q/k/v and
                           gate/up group (lora.fuse_shared_inputs false)
+  fused B GEMM         -> the adapter's B GEMM and the sum with the base output outside the
+                          4-bit matmul, over the whole output (lora.lora_up)
   keep matmul outputs  -> (off by default) train.keep_matmuls_gb large enough for every layer
 
 "peak GB" is VmHWM after the configuration's steps, reset to the current RSS before them, so
@@ -47,7 +49,7 @@ def main() -> None:
     ap.add_argument("--lora-dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                     help="lora.dtype of the adapters")
     ap.add_argument("--configs", default="all",
-                    help="comma list of rows to run: default, tiled, mask, shared, release, "
+                    help="comma list of rows to run: default, tiled, mask, shared, fused, release, "
                          "layer-release, none, keep (the 'without ...' rows are named by their lever)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -72,14 +74,22 @@ def main() -> None:
 
     current = {
         "cpu_forward": quant._cpu_forward, "cpu_input_grad": quant._cpu_input_grad,
-        "drop": lora.drop_unscaled, "release": memory.release_freed_memory}
+        "drop": lora.drop_unscaled, "release": memory.release_freed_memory,
+        "forward": lora.LoRALinear.forward}
+
+    def unfused_forward(self, x):  # LoRALinear.forward before the B GEMM moved into the tiles
+        a = self.shared.down(self, x) if self.shared is not None else lora.lora_down(
+            x, self.lora_A.weight, self.scaling, self.dropout if self.training else 0.0)
+        return lora.lora_up(self.base_layer(x), a, self.lora_B.weight)
+
     before = {
         # what bnb.matmul_4bit does on CPU: the whole weight dequantized per call
         "cpu_forward": lambda x2, w, bias: bnb.matmul_4bit(x2, w.t(), bias=bias, quant_state=w.quant_state),
         "cpu_input_grad": lambda g2, w, k: g2 @ bnb.functional.dequantize_4bit(w.data, w.quant_state).to(g2.dtype),
         # a Bernoulli draw per element and per adapter, as F.dropout
         "drop": lambda x, p: x * torch.empty_like(x).bernoulli_(1 - p),
-        "release": lambda: None}
+        "release": lambda: None,
+        "forward": unfused_forward}
     hooks: list = []
 
     def apply(off: set[str], keep: bool) -> None:
@@ -87,6 +97,7 @@ def main() -> None:
         quant._cpu_input_grad = before["cpu_input_grad"] if "tiled" in off else current["cpu_input_grad"]
         lora.drop_unscaled = before["drop"] if "mask" in off else current["drop"]
         memory.release_freed_memory = before["release"] if "release" in off else current["release"]
+        lora.LoRALinear.forward = before["forward"] if "fused" in off else current["forward"]
         if "shared" in off:
             lora.unshare_inputs(model)
         else:
@@ -111,9 +122,10 @@ def main() -> None:
         "tiled": ("  without tiled 4-bit matmul", {"tiled"}, False),
         "mask": ("  without 16-bit dropout mask", {"mask"}, False),
         "shared": ("  without shared adapter inputs", {"shared"}, False),
+        "fused": ("  without B's GEMM in the 4-bit tiles", {"fused"}, False),
         "release": ("  without release of freed memory", {"release", "layer-release"}, False),
         "layer-release": ("  without release per layer", {"layer-release"}, False),
-        "none": ("none of the levers", {"tiled", "mask", "shared", "release", "layer-release"}, False),
+        "none": ("none of the levers", {"tiled", "mask", "shared", "fused", "release", "layer-release"}, False),
         "keep": ("default + keep matmul outputs (all layers)", set(), True),
     }
     keys = list(all_configs) if args.configs == "all" else args.configs.split(",")

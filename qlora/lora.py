@@ -22,6 +22,7 @@ from torch import nn
 from .config import LoraConfig
 from .dtypes import dtype_named
 from .model import target_linears
+from .quant import QuantLinear
 
 
 class LoRALinear(nn.Module):
@@ -48,18 +49,19 @@ class LoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
-        out = self.base_layer(x)  # (B, T, out), frozen
         if self.shared is not None:
             a = self.shared.down(self, x)
         else:
             a = lora_down(x, self.lora_A.weight, self.scaling, self.dropout if self.training else 0.0)
-        return lora_up(out, a, self.lora_B.weight)  # (B, T, out)
+        if isinstance(self.base_layer, QuantLinear):  # B's GEMM inside the 4-bit matmul's tiles
+            return self.base_layer(x, lora=(a, self.lora_B.weight))  # (B, T, out)
+        return lora_up(self.base_layer(x), a, self.lora_B.weight)  # (B, T, out), base frozen
 
 
 def lora_up(out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`out + B(a)`: the base output (B, T, out) plus B (out, r) applied to a (B, T, r), cast
-    to the base's dtype. (One `addmm` into `out` instead was 4% faster at 1.3B and 4% slower
-    on SmolLM2, benchmarks/README.md "#19 levers", so the plain sum stays.)"""
+    to the base's dtype. For 16-bit bases; a 4-bit base adds B(a) inside its matmul
+    (`quant.QuantLinear.forward`'s `lora`)."""
     return out + F.linear(a, weight).to(out.dtype)
 
 

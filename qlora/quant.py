@@ -103,8 +103,10 @@ def _dequantize_into(kernel, codes: torch.Tensor, scales: torch.Tensor, out: tor
     return out
 
 
-def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x2 @ W.T + bias` with W dequantized one row tile (TILE_ROWS) at a time.
+def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None,
+                 a2: torch.Tensor | None = None, lora_B: torch.Tensor | None = None) -> torch.Tensor:
+    """`x2 @ W.T + bias` with W dequantized one row tile (TILE_ROWS) at a time; with an
+    adapter, `+ a2 @ lora_B.T` (its r-wide input (M, r) and B (n, r)) inside the same tiles.
 
     Why tiles: bitsandbytes' CPU path dequantizes the whole weight per call. At 7B an MLP
     weight is 90 MB of bf16, above glibc's mmap threshold, so every call page-faults fresh
@@ -114,6 +116,11 @@ def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None
     bitsandbytes', so the result is bitwise `bnb.matmul_4bit`'s where the GEMM's rounding does
     not depend on its width (CPUs without AMX); on AMX oneDNN rounds by shape, so it equals
     bitsandbytes' to bf16 rounding, not bitwise (`benchmarks/matmul4bit.py`).
+
+    Why the adapter rides along: a separate `a2 @ B.T` writes a fresh (M, n) output and the
+    sum reads it back, two passes over memory per call that cost as much as the base GEMM of
+    a 1.3B MLP tile. Here the thin GEMM writes the output tile and the base GEMM accumulates
+    onto it while it is in cache (benchmarks/README.md "#19 levers", `fused B`).
     """
     state, (m, k), n = weight.quant_state, x2.shape, weight.quant_state.shape[0]
     packed, absmax = weight.data.view(-1), absmax_f32(state)
@@ -121,11 +128,25 @@ def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None
     buf = x2.new_empty(min(n, _tile_height(state.blocksize)), k)  # one tile buffer per call, not per tile
     for a, b in _row_tiles(n, k, state.blocksize):
         w = _weight_rows(packed, absmax, state, k, x2.dtype, a, b, buf)  # (b-a, k)
-        if bias is None:
+        if a2 is not None:
+            _lora_columns(a2, lora_B, a, b, y[:, a:b])  # y[:, a:b] = a2 @ B[a:b].T
+            y[:, a:b].addmm_(x2, w.t())
+            if bias is not None:
+                y[:, a:b].add_(bias[a:b])
+        elif bias is None:
             torch.mm(x2, w.t(), out=y[:, a:b])
         else:  # fused like F.linear, so the bias is rounded in once, as bitsandbytes does
             torch.addmm(bias[a:b], x2, w.t(), out=y[:, a:b])
     return y
+
+
+def _lora_columns(a2: torch.Tensor, lora_B: torch.Tensor, a: int, b: int, out: torch.Tensor) -> None:
+    """out = a2 @ lora_B[a:b].T: output columns a..b of the adapter's up projection, computed
+    in the factors' dtype (fp32 factors: an fp32 GEMM, rounded once into `out`)."""
+    if a2.dtype == out.dtype:
+        torch.mm(a2, lora_B[a:b].t(), out=out)
+    else:
+        out.copy_(a2 @ lora_B[a:b].t())
 
 
 def _cpu_input_grad(g2: torch.Tensor, weight: Params4bit, k: int) -> torch.Tensor:
@@ -171,7 +192,8 @@ def _cpu_input_grad_rows(g2: torch.Tensor, weight: Params4bit, k: int, absmax) -
 
 
 class _Matmul4bit(torch.autograd.Function):
-    """y = x @ W.T + bias for a frozen 4-bit W; backward returns the input gradient only.
+    """y = x @ W.T + bias [+ a @ lora_B.T] for a frozen 4-bit W; backward returns the input
+    gradient and, with an adapter, the gradients of its r-wide input `a` and of B.
 
     `kept` is this call's output saved by the original forward pass when selective
     checkpointing recomputes the layer (see `keeping_outputs`): it is returned as is, so the
@@ -179,26 +201,42 @@ class _Matmul4bit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, kept):  # x: (..., k)
+    def forward(ctx, x, weight, bias, kept, a, lora_B):  # x: (..., k), a: (..., r), lora_B: (n, r)
         ctx.weight, ctx.x_shape = weight, x.shape
+        ctx.save_for_backward(a, lora_B)
         if kept is not None:
             return kept
         _attach_if_streamed(weight, +1)
+        a2 = None if a is None else a.reshape(-1, a.shape[-1])  # (M, r)
         if x.device.type == "cpu":
-            y = _cpu_forward(x.reshape(-1, x.shape[-1]), weight, bias)
+            y = _cpu_forward(x.reshape(-1, x.shape[-1]), weight, bias, a2, lora_B)
             return y.view(*x.shape[:-1], y.shape[-1])
-        return bnb.matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
+        y = bnb.matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
+        if a is not None:
+            y = y + (a @ lora_B.t()).to(y.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad):  # grad: (..., n)
         weight, x_shape = ctx.weight, ctx.x_shape
+        a, lora_B = ctx.saved_tensors
         _attach_if_streamed(weight, -1)
-        if grad.device.type == "cpu":
-            gx = _cpu_input_grad(grad.reshape(-1, grad.shape[-1]), weight, x_shape[-1])
-        else:
-            w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(grad.dtype)
-            gx = grad.reshape(-1, grad.shape[-1]) @ w
-        return gx.view(x_shape), None, None, None  # base weight and bias are frozen
+        g2 = grad.reshape(-1, grad.shape[-1])  # (M, n)
+        gx = ga = gB = None
+        if ctx.needs_input_grad[0]:
+            if grad.device.type == "cpu":
+                gx = _cpu_input_grad(g2, weight, x_shape[-1])
+            else:
+                w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(grad.dtype)
+                gx = g2 @ w
+            gx = gx.view(x_shape)
+        if a is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]):
+            gf = g2.to(lora_B.dtype)  # as autograd casts the sum's gradient back to the factors
+            if ctx.needs_input_grad[4]:
+                ga = (gf @ lora_B).view(a.shape)  # (..., r)
+            if ctx.needs_input_grad[5]:
+                gB = gf.t() @ a.reshape(-1, a.shape[-1])  # (n, r)
+        return gx, None, None, None, ga, gB  # base weight and bias are frozen
 
 
 def _attach_if_streamed(weight: Params4bit, step: int) -> None:
@@ -243,11 +281,14 @@ class QuantLinear(Linear4bit):
         super().__init__(*args, **kwargs)
         self.kept: collections.deque[torch.Tensor] = collections.deque()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in_features)
+    def forward(self, x: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features). `lora` = (a, B): an adapter's r-wide
+        input (..., r), already scaled, and its B (out_features, r), added inside the matmul."""
         dtype, phase = self.compute_dtype, _KEEP_PHASE[0]
         bias = None if self.bias is None else self.bias.to(dtype)
         kept = self.kept.popleft() if phase == "recompute" and self.kept else None
-        y = _Matmul4bit.apply(x.to(dtype), self.weight, bias, kept)
+        a, lora_B = lora if lora is not None else (None, None)
+        y = _Matmul4bit.apply(x.to(dtype), self.weight, bias, kept, a, lora_B)
         if phase == "forward":
             self.kept.append(y.detach())
         return y.to(x.dtype)  # (..., out_features)

@@ -3,6 +3,7 @@ BitsAndBytesConfig for the 4-bit base, plain PyTorch math for LoRA, PEFT for ada
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -27,6 +28,27 @@ def reference_4bit(path):
     # train() (dropout is 0) keeps bitsandbytes off its CPU eval-only repacking path, which
     # asserts out_features % 32 == 0 and stories260K's FFN is 172 wide.
     return model.train()
+
+
+def fp32_twin(model):
+    """A copy of a qlora model with each 4-bit base replaced by its dequantized weight and
+    everything in fp32: the numbers a bf16 forward approximates."""
+    twin = copy.deepcopy(model)
+    for layer in lora_layers(twin).values():
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
+        linear.weight.data = quant.dequantize(layer.base_layer).float()
+        layer.base_layer = linear
+    return twin.float()
+
+
+def assert_agrees_with_peft(ours, peft, exact):
+    """Ours and PEFT's bf16 logits each carry their own rounding (PEFT rounds the base output
+    before adding the adapter's; ours adds B's GEMM inside the 4-bit matmul's tiles), so
+    both are held against the fp32 twin: ours no noisier than PEFT, and the two within
+    twice PEFT's own error of each other."""
+    rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
+    assert rms(ours - exact) <= 1.25 * rms(peft - exact), (rms(ours - exact), rms(peft - exact))
+    assert rms(ours - peft) <= 2 * rms(peft - exact), (rms(ours - peft), rms(peft - exact))
 
 
 def randomize_lora(model, seed=0):
@@ -262,8 +284,9 @@ def test_peft_loads_our_adapter(stories, tmp_path):
     with torch.no_grad():
         a, b = ours(ids).logits.float(), peft_model(ids).logits.float()
         base = reference_4bit(stories)(ids).logits.float()
+        exact = fp32_twin(ours)(ids).logits
     assert (a - base).abs().max() > 0.5  # the adapter really changes the output...
-    assert (a - b).abs().max() <= 0.02 * b.abs().max()  # ...and PEFT agrees on how
+    assert_agrees_with_peft(a, b, exact)  # ...and PEFT agrees on how
 
 
 def test_we_load_peft_adapter(stories, tmp_path):
@@ -281,7 +304,8 @@ def test_we_load_peft_adapter(stories, tmp_path):
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         a, b = ours(ids).logits.float(), peft_model.train()(ids).logits.float()
-    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+        exact = fp32_twin(ours)(ids).logits
+    assert_agrees_with_peft(a, b, exact)
 
 
 def test_gradient_checkpointing_trains_every_b_and_freezes_base(stories):
