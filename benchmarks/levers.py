@@ -15,6 +15,8 @@ configuration. Each configuration switches one lever back to what qlora did befo
                           optimizer step, not also before each layer's forward and backward
   shared adapter input -> a dropout mask and an A GEMM per adapter, not one per q/k/v and
                           gate/up group (lora.fuse_shared_inputs false)
+  numpy mask bits      -> the 16 bits per element drawn by torch's Mersenne Twister
+                          (random_ on int64 words) instead of numpy's PCG64DXSM
   fused B GEMM         -> the adapter's B GEMM and the sum with the base output outside the
                           4-bit matmul, over the whole output (lora.lora_up)
   keep matmul outputs  -> (off by default) train.keep_matmuls_gb large enough for every layer
@@ -49,7 +51,7 @@ def main() -> None:
     ap.add_argument("--lora-dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                     help="lora.dtype of the adapters")
     ap.add_argument("--configs", default="all",
-                    help="comma list of rows to run: default, tiled, mask, shared, fused, release, "
+                    help="comma list of rows to run: default, tiled, mask, rng, shared, fused, release, "
                          "layer-release, none, keep (the 'without ...' rows are named by their lever)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -77,6 +79,14 @@ def main() -> None:
         "drop": lora.drop_unscaled, "release": memory.release_freed_memory,
         "forward": lora.LoRALinear.forward}
 
+    def torch_bits_drop(x, p):  # lora.drop_unscaled before its bits came from numpy
+        with torch.profiler.record_function("qlora::dropout"):
+            n = x.numel()
+            bits = torch.empty((n + 3) // 4, dtype=torch.int64)
+            bits.random_(-2**63, 2**63 - 1)
+            r = bits.view(torch.int16)[:n].view(x.shape)
+            return torch.where(r >= round(p * 65536) - 32768, x, 0)
+
     def unfused_forward(self, x):  # LoRALinear.forward before the B GEMM moved into the tiles
         a = self.shared.down(self, x) if self.shared is not None else lora.lora_down(
             x, self.lora_A.weight, self.scaling, self.dropout if self.training else 0.0)
@@ -95,7 +105,8 @@ def main() -> None:
     def apply(off: set[str], keep: bool) -> None:
         quant._cpu_forward = before["cpu_forward"] if "tiled" in off else current["cpu_forward"]
         quant._cpu_input_grad = before["cpu_input_grad"] if "tiled" in off else current["cpu_input_grad"]
-        lora.drop_unscaled = before["drop"] if "mask" in off else current["drop"]
+        lora.drop_unscaled = (before["drop"] if "mask" in off else torch_bits_drop if "rng" in off
+                              else current["drop"])
         memory.release_freed_memory = before["release"] if "release" in off else current["release"]
         lora.LoRALinear.forward = before["forward"] if "fused" in off else current["forward"]
         if "shared" in off:
@@ -122,6 +133,7 @@ def main() -> None:
         "tiled": ("  without tiled 4-bit matmul", {"tiled"}, False),
         "mask": ("  without 16-bit dropout mask", {"mask"}, False),
         "shared": ("  without shared adapter inputs", {"shared"}, False),
+        "rng": ("  without numpy mask bits", {"rng"}, False),
         "fused": ("  without B's GEMM in the 4-bit tiles", {"fused"}, False),
         "release": ("  without release of freed memory", {"release", "layer-release"}, False),
         "layer-release": ("  without release per layer", {"layer-release"}, False),
