@@ -247,11 +247,12 @@ def layer_terms(shape: ModelShape, w: Workload, device: str) -> dict[str, int]:
     attention_step = 2 * m * shape.head_dim * a + (w.batch_size * w.max_seq_len ** 2 if w.masked else 0)
 
     # In flight at the recompute's peak (down_proj's dropout draw): the random bits (on CPU
-    # int64 words, 16 bits per element), the product it is drawn for, down's base output, the
-    # residual, the normed MLP input, and the gradient arriving from the layer above.
+    # numpy's uint64 words, 16 bits per element), the product it is drawn for, the residual,
+    # the normed MLP input, and the gradient arriving from the layer above. down's output
+    # comes after the draw: the adapter's input side runs before the 4-bit matmul it joins.
     in_flight = m * c * a * 3
     if w.dropout:
-        in_flight += (2 * m * f if device == "cpu" else 0) + m * f * a + m * c * a
+        in_flight += (2 * m * f if device == "cpu" else 0) + m * f * a
     elif "gate_proj" not in w.targets and "up_proj" not in w.targets:
         in_flight += m * c * a
     # At down_proj's input gradient instead: down's saved input is released, the base and
