@@ -7,7 +7,7 @@ nearest enclosing range that names one (so the ops inside a 4-bit matmul's autog
 are dequantization unless they are the GEMM itself, and everything an optimizer's `step`
 calls is optimizer). Self times are summed, so nothing counts twice:
 
-    gemm            aten::mm / addmm / bmm / baddbmm; their FLOPs from the recorded shapes
+    gemm            aten::mm / addmm / addmm_ / bmm / baddbmm; their FLOPs from the recorded shapes
                     give the GEMM floor: FLOPs / the bf16 matmul peak measured in the same run
     dequantization  inside qlora's _Matmul4bit or bitsandbytes' MatMul4Bit, and bitsandbytes ops
     dropout         qlora's `qlora::dropout` range; aten::dropout / native_dropout / bernoulli_
@@ -22,7 +22,7 @@ the GEMM time against its floor; tok/s comes from the unprofiled steps.
 from __future__ import annotations
 
 CATEGORIES = ("gemm", "dequantization", "dropout", "attention", "optimizer", "other")
-_GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+_GEMM = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
 
 
 def _category(name: str) -> str | None:
@@ -45,7 +45,7 @@ def _flops(name: str, shapes) -> float:
         if name == "aten::mm":
             (m, k), (_, n) = shapes[0], shapes[1]
             return 2 * m * k * n
-        if name == "aten::addmm":
+        if name in ("aten::addmm", "aten::addmm_"):
             (m, k), (_, n) = shapes[1], shapes[2]
             return 2 * m * k * n
         if name in ("aten::bmm", "aten::baddbmm"):

@@ -148,6 +148,38 @@ def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_q
         assert tiles.max() <= 2 and tiles.mean() <= 1.1 * whole.mean(), (tiles.max(), tiles.mean(), whole.mean())
 
 
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float32])
+def test_adapter_inside_the_4bit_tiles_at_a_1p3b_mlp_shape(factor_dtype):
+    """B's GEMM rides in the 4-bit matmul's row tiles (quant._cpu_forward): at a 1.3B
+    gate_proj shape (5504 x 2048: five 1024-row tiles and a 384-row one) the output is the plain
+    `x W^T + a B^T` no less accurately than a separate B GEMM and sum (lora.lora_up), and the
+    gradients of x, a and B are the plain products."""
+    from qlora.lora import lora_up
+    g = torch.Generator().manual_seed(0)
+    n, k, r = 5504, 2048, 16
+    layer = quant.empty_quant_linear(torch.nn.Linear(k, n, bias=False), "nf4", True, torch.bfloat16)
+    quant.set_quantized_weight(layer, torch.randn(n, k, generator=g) * 0.02, torch.device("cpu"), torch.bfloat16)
+    x = torch.randn(2, 32, k, generator=g).bfloat16().requires_grad_()
+    a = (torch.randn(2, 32, r, generator=g) * 0.5).to(factor_dtype).requires_grad_()
+    B = (torch.randn(n, r, generator=g) * 0.05).to(factor_dtype).requires_grad_()
+    y = layer(x, lora=(a, B))  # (2, 32, n)
+    W = quant.dequantize(layer).double()
+    exact = x.double() @ W.T + a.double() @ B.double().T
+    with torch.no_grad():
+        separate = lora_up(layer(x), a, B)
+    rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 32, n)
+    assert rms(y.double() - exact) <= 1.1 * rms(separate.double() - exact)
+    grad = torch.randn(2, 32, n, generator=g).bfloat16()
+    y.backward(grad)
+    gd = grad.double()
+    for got, want in ((x.grad, gd @ W), (a.grad, gd @ B.double()),
+                      (B.grad, gd.reshape(-1, n).T @ a.double().reshape(-1, r))):
+        assert got.dtype == (torch.bfloat16 if got is x.grad else factor_dtype)
+        tol = 2**-7 if got.dtype == torch.bfloat16 else 1e-5  # bf16 rounding / fp32 sums
+        assert (got.double() - want).abs().max() <= tol * want.abs().max(), (got.dtype, got.shape)
+
+
 def test_lora_forward_equals_plain_math(stories):
     model = load_model(stories)
     add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0))
