@@ -118,9 +118,9 @@ def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None
     bitsandbytes' to bf16 rounding, not bitwise (`benchmarks/matmul4bit.py`).
 
     Why the adapter rides along: a separate `a2 @ B.T` writes a fresh (M, n) output and the
-    sum reads it back, two passes over memory per call that cost as much as the base GEMM of
-    a 1.3B MLP tile. Here the thin GEMM writes the output tile and the base GEMM accumulates
-    onto it while it is in cache (benchmarks/README.md "#19 levers", `fused B`).
+    sum reads it back, two memory-bound passes per call. Here the thin GEMM writes the output
+    tile and the base GEMM accumulates onto it while it is in cache (6-10% of a 1.3B step:
+    benchmarks/levers.py, `fused` row).
     """
     state, (m, k), n = weight.quant_state, x2.shape, weight.quant_state.shape[0]
     packed, absmax = weight.data.view(-1), absmax_f32(state)
