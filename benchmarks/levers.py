@@ -88,9 +88,7 @@ def main() -> None:
             return torch.where(r >= round(p * 65536) - 32768, x, 0)
 
     def unfused_forward(self, x):  # LoRALinear.forward before the B GEMM moved into the tiles
-        a = self.shared.down(self, x) if self.shared is not None else lora.lora_down(
-            x, self.lora_A.weight, self.scaling, self.dropout if self.training else 0.0)
-        return lora.lora_up(self.base_layer(x), a, self.lora_B.weight)
+        return lora.lora_up(self.base_layer(x), self.down(x), self.lora_B.weight)
 
     before = {
         # what bnb.matmul_4bit does on CPU: the whole weight dequantized per call

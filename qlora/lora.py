@@ -50,13 +50,17 @@ class LoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
-        if self.shared is not None:
-            a = self.shared.down(self, x)
-        else:
-            a = lora_down(x, self.lora_A.weight, self.scaling, self.dropout if self.training else 0.0)
+        a = self.down(x)  # (B, T, r)
         if isinstance(self.base_layer, QuantLinear):  # B's GEMM inside the 4-bit matmul's tiles
             return self.base_layer(x, lora=(a, self.lora_B.weight))  # (B, T, out)
         return lora_up(self.base_layer(x), a, self.lora_B.weight)  # (B, T, out), base frozen
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's input side, scaling * A(dropout(x)): (B, T, in) -> (B, T, r), shared
+        with its siblings when it has some (`SharedInput`)."""
+        if self.shared is not None:
+            return self.shared.down(self, x)
+        return lora_down(x, self.lora_A.weight, self.scaling, self.dropout if self.training else 0.0)
 
 
 def lora_up(out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -162,10 +166,11 @@ def drop_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:
     factors), seeded by one draw from torch's default generator: gradient
     checkpointing's RNG replay restores that generator, so the recompute draws the same
     seed and the same mask, and `torch.manual_seed` still fixes every mask.
-    On CUDA the Bernoulli kernel is already cheap, so it is used there.
+    On CUDA (and any other accelerator) the Bernoulli kernel is already cheap, and the mask
+    stays on the device, so it is used there.
     """
     with torch.profiler.record_function("qlora::dropout"):  # benchmarks/_breakdown.py's label
-        if x.device.type == "cuda":
+        if x.device.type != "cpu":
             return x * torch.empty_like(x).bernoulli_(1 - p)
         n = x.numel()
         seed = int(torch.randint(0, 2**62, ()).item())

@@ -104,9 +104,9 @@ def _dequantize_into(kernel, codes: torch.Tensor, scales: torch.Tensor, out: tor
 
 
 def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None,
-                 a2: torch.Tensor | None = None, lora_B: torch.Tensor | None = None) -> torch.Tensor:
+                 lora_in: torch.Tensor | None = None, lora_B: torch.Tensor | None = None) -> torch.Tensor:
     """`x2 @ W.T + bias` with W dequantized one row tile (TILE_ROWS) at a time; with an
-    adapter, `+ a2 @ lora_B.T` (its r-wide input (M, r) and B (n, r)) inside the same tiles.
+    adapter, `+ lora_in @ lora_B.T` (its r-wide input (M, r) and B (n, r)) in the same tiles.
 
     Why tiles: bitsandbytes' CPU path dequantizes the whole weight per call. At 7B an MLP
     weight is 90 MB of bf16, above glibc's mmap threshold, so every call page-faults fresh
@@ -117,7 +117,7 @@ def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None
     not depend on its width (CPUs without AMX); on AMX oneDNN rounds by shape, so it equals
     bitsandbytes' to bf16 rounding, not bitwise (`benchmarks/matmul4bit.py`).
 
-    Why the adapter rides along: a separate `a2 @ B.T` writes a fresh (M, n) output and the
+    Why the adapter rides along: a separate `lora_in @ B.T` writes a fresh (M, n) output and the
     sum reads it back, two memory-bound passes per call. Here the thin GEMM writes the output
     tile and the base GEMM accumulates onto it while it is in cache (6-10% of a 1.3B step:
     benchmarks/levers.py, `fused` row).
@@ -128,25 +128,26 @@ def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None
     buf = x2.new_empty(min(n, _tile_height(state.blocksize)), k)  # one tile buffer per call, not per tile
     for a, b in _row_tiles(n, k, state.blocksize):
         w = _weight_rows(packed, absmax, state, k, x2.dtype, a, b, buf)  # (b-a, k)
-        if a2 is not None:
-            _lora_columns(a2, lora_B, a, b, y[:, a:b])  # y[:, a:b] = a2 @ B[a:b].T
-            y[:, a:b].addmm_(x2, w.t())
+        yt = y[:, a:b]  # (M, b-a), this tile's output columns
+        if lora_in is not None:
+            _lora_columns(lora_in, lora_B, a, b, yt)  # yt = lora_in @ B[a:b].T
+            yt.addmm_(x2, w.t())
             if bias is not None:
-                y[:, a:b].add_(bias[a:b])
+                yt.add_(bias[a:b])
         elif bias is None:
-            torch.mm(x2, w.t(), out=y[:, a:b])
+            torch.mm(x2, w.t(), out=yt)
         else:  # fused like F.linear, so the bias is rounded in once, as bitsandbytes does
-            torch.addmm(bias[a:b], x2, w.t(), out=y[:, a:b])
+            torch.addmm(bias[a:b], x2, w.t(), out=yt)
     return y
 
 
-def _lora_columns(a2: torch.Tensor, lora_B: torch.Tensor, a: int, b: int, out: torch.Tensor) -> None:
-    """out = a2 @ lora_B[a:b].T: output columns a..b of the adapter's up projection, computed
-    in the factors' dtype (fp32 factors: an fp32 GEMM, rounded once into `out`)."""
-    if a2.dtype == out.dtype:
-        torch.mm(a2, lora_B[a:b].t(), out=out)
+def _lora_columns(lora_in: torch.Tensor, lora_B: torch.Tensor, a: int, b: int, out: torch.Tensor) -> None:
+    """out = lora_in @ lora_B[a:b].T: output columns a..b of the adapter's up projection,
+    computed in the factors' dtype (fp32 factors: an fp32 GEMM, rounded once into `out`)."""
+    if lora_in.dtype == out.dtype:
+        torch.mm(lora_in, lora_B[a:b].t(), out=out)
     else:
-        out.copy_(a2 @ lora_B[a:b].t())
+        out.copy_(lora_in @ lora_B[a:b].t())
 
 
 def _cpu_input_grad(g2: torch.Tensor, weight: Params4bit, k: int) -> torch.Tensor:
