@@ -100,7 +100,8 @@ def setup_ours(path, rank, keep_gb=0.0, tokens=0):
     from qlora.config import LoraConfig
     from qlora.lora import add_lora
     from qlora.memory import release_memory_per_layer
-    from qlora.model import decoder_layers, enable_gradient_checkpointing, load_model, matmul_layers_within
+    from qlora.checkpointing import enable_gradient_checkpointing, matmul_layers_within
+    from qlora.model import decoder_layers, load_model
     from qlora.optim import build_optimizer
 
     t0 = time.perf_counter()

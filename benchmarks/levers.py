@@ -19,6 +19,8 @@ configuration. Each configuration switches one lever back to what qlora did befo
                           (random_ on int64 words) instead of numpy's PCG64DXSM
   fused B GEMM         -> the adapter's B GEMM and the sum with the base output outside the
                           4-bit matmul, over the whole output (lora.lora_up)
+  unread outputs       -> the recompute also runs down_proj's 4-bit matmul, whose output
+                          only feeds the residual sum backward never reads
   keep matmul outputs  -> (off by default) train.keep_matmuls_gb large enough for every layer
 
 "peak GB" is VmHWM after the configuration's steps, reset to the current RSS before them, so
@@ -51,7 +53,7 @@ def main() -> None:
     ap.add_argument("--lora-dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                     help="lora.dtype of the adapters")
     ap.add_argument("--configs", default="all",
-                    help="comma list of rows to run: default, tiled, mask, rng, shared, fused, release, "
+                    help="comma list of rows to run: default, tiled, mask, rng, shared, fused, unread, release, "
                          "layer-release, none, keep (the 'without ...' rows are named by their lever)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -60,7 +62,7 @@ def main() -> None:
     import torch
 
     import _shapes
-    from qlora import lora, memory, model as qmodel, quant
+    from qlora import checkpointing, lora, memory, model as qmodel, quant
     from qlora.config import LoraConfig
     from qlora.lora import add_lora
     from qlora.loss import lm_loss_sum
@@ -77,7 +79,7 @@ def main() -> None:
     current = {
         "cpu_forward": quant._cpu_forward, "cpu_input_grad": quant._cpu_input_grad,
         "drop": lora.drop_unscaled, "release": memory.release_freed_memory,
-        "forward": lora.LoRALinear.forward}
+        "forward": lora.LoRALinear.forward, "unread": checkpointing.mark_unread_outputs}
 
     def torch_bits_drop(x, p):  # lora.drop_unscaled before its bits came from numpy
         with torch.profiler.record_function("qlora::dropout"):
@@ -90,6 +92,10 @@ def main() -> None:
     def unfused_forward(self, x):  # LoRALinear.forward before the B GEMM moved into the tiles
         return lora.lora_up(self.base_layer(x), self.down(x), self.lora_B.weight)
 
+    def never_unread(layer, inputs, out):  # before: the recompute ran every 4-bit matmul
+        for m in checkpointing._quant_linears(layer):
+            m.output_node, m.unread_in_recompute = None, False
+
     before = {
         # what bnb.matmul_4bit does on CPU: the whole weight dequantized per call
         "cpu_forward": lambda x2, w, bias: bnb.matmul_4bit(x2, w.t(), bias=bias, quant_state=w.quant_state),
@@ -97,7 +103,8 @@ def main() -> None:
         # a Bernoulli draw per element and per adapter, as F.dropout
         "drop": lambda x, p: x * torch.empty_like(x).bernoulli_(1 - p),
         "release": lambda: None,
-        "forward": unfused_forward}
+        "forward": unfused_forward,
+        "unread": never_unread}
     hooks: list = []
 
     def apply(off: set[str], keep: bool) -> None:
@@ -111,7 +118,8 @@ def main() -> None:
             lora.unshare_inputs(model)
         else:
             lora.share_inputs(model)
-        qmodel.enable_gradient_checkpointing(model, keep_matmul_layers=len(layers) if keep else 0)
+        checkpointing.mark_unread_outputs = before["unread"] if "unread" in off else current["unread"]
+        checkpointing.enable_gradient_checkpointing(model, keep_matmul_layers=len(layers) if keep else 0)
         for h in hooks:
             h.remove()
         hooks[:] = [] if "layer-release" in off else memory.release_memory_per_layer(layers)
@@ -133,9 +141,11 @@ def main() -> None:
         "shared": ("  without shared adapter inputs", {"shared"}, False),
         "rng": ("  without numpy mask bits", {"rng"}, False),
         "fused": ("  without B's GEMM in the 4-bit tiles", {"fused"}, False),
+        "unread": ("  without skipping unread outputs in the recompute", {"unread"}, False),
         "release": ("  without release of freed memory", {"release", "layer-release"}, False),
         "layer-release": ("  without release per layer", {"layer-release"}, False),
-        "none": ("none of the levers", {"tiled", "mask", "shared", "fused", "release", "layer-release"}, False),
+        "none": ("none of the levers", {"tiled", "mask", "shared", "fused", "unread", "release",
+                                         "layer-release"}, False),
         "keep": ("default + keep matmul outputs (all layers)", set(), True),
     }
     keys = list(all_configs) if args.configs == "all" else args.configs.split(",")

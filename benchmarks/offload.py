@@ -125,7 +125,8 @@ def worker(args) -> dict:
     from qlora.lora import add_lora
     from qlora.loss import lm_loss_sum
     from qlora.memory import release_if_grown, release_memory_per_layer
-    from qlora.model import decoder_layers, enable_gradient_checkpointing, load_model
+    from qlora.checkpointing import enable_gradient_checkpointing
+    from qlora.model import decoder_layers, load_model
     from qlora.optim import build_optimizer
 
     path = checkpoint(args.worker_layers, log=lambda m: print(m, file=sys.stderr))

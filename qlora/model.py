@@ -8,8 +8,6 @@ Peak memory is the 4-bit model plus one full-precision tensor.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import warnings
 from pathlib import Path
@@ -17,17 +15,14 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from . import quant
 from .dtypes import dtype_name, dtype_named
 from .errors import QloraError
 from .hub import local_model_dir, looks_like_hub_id, model_id
 from .memory import release_freed_memory
-from .offload import (attach_hooks, layer_slots, make_streamer, payload_bytes, recompute_context,
-                      resident_count)
+from .offload import (attach_hooks, layer_slots, make_streamer, payload_bytes, resident_count)
 from .prequantized import (Prequantized, cache_folder, cache_problem, load_prequantized,
                            prequantized_settings, save_cache, source_stamp)
 from .safetensors_io import checkpoint_files, iter_tensors
@@ -317,78 +312,3 @@ def load_tokenizer(name_or_path: str | Path):
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else str(name_or_path))
     except (OSError, ValueError) as e:
         raise QloraError(f"{name_or_path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
-
-
-def enable_gradient_checkpointing(model: PreTrainedModel, keep_matmul_layers: int = 0) -> None:
-    """Recompute each decoder layer in backward instead of storing its activations.
-
-    Non-reentrant only: reentrant checkpointing drops gradients when no *input* of the
-    checkpointed block requires grad (our embeddings are frozen), which is how LoRA B factors
-    silently stay zero in other stacks.
-
-    In the first `keep_matmul_layers` decoder layers the recompute is selective: the outputs
-    of the 4-bit base matmuls are kept from the forward pass and handed back during the
-    recompute (`quant.keeping_outputs`), so backward re-runs only the cheap ops (norms,
-    rotary, attention, LoRA). Same gradients; costs `matmul_output_bytes` per kept layer.
-    (torch's selective-checkpoint policies do the same through a Python dispatch mode on
-    every op, whose overhead ate most of the gain on CPU: 1.41x vs 1.33x at 1.3B.)
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    # transformers also hooks the embeddings so their output requires grad (a crutch for
-    # reentrant checkpointing). With frozen embeddings that only makes backward compute input
-    # gradients for layer 0's q/k/v (a dequantize and a GEMM each) that nothing uses.
-    model.disable_input_require_grads()
-    streamer = getattr(model, "qlora_streamer", None)
-    for i, layer in enumerate(decoder_layers(model)):
-        keep = i < keep_matmul_layers
-        if not keep and streamer is None:
-            continue  # transformers' own checkpoint call is all this layer needs
-        if not isinstance(layer, GradientCheckpointingLayer):
-            raise QloraError(f"{type(layer).__name__} does not checkpoint itself per layer, so "
-                             "it cannot keep matmul outputs or stream its weights "
-                             "(set train.keep_matmuls_gb=0 and model.offload=none)")
-        # transformers' GradientCheckpointingLayer calls this attribute to checkpoint itself
-        layer._gradient_checkpointing_func = functools.partial(
-            checkpoint, use_reentrant=False,
-            context_fn=functools.partial(_layer_contexts, layer, i, keep, streamer))
-
-
-def _layer_contexts(layer, i, keep, streamer):
-    """(context of the original forward, context of the recompute) for torch's checkpoint.
-
-    The recompute does not pass through module hooks (transformers checkpoints `forward`,
-    not `__call__`), so this is where a streamed layer learns that it is needed again."""
-    return _phase(layer, i, keep, None, "forward"), _phase(layer, i, keep, streamer, "recompute")
-
-
-@contextlib.contextmanager
-def _phase(layer, i, keep, streamer, phase):
-    with contextlib.ExitStack() as stack:  # entered only when checkpoint enters this phase
-        if streamer is not None:
-            stack.enter_context(recompute_context(streamer, i))
-        if keep:
-            stack.enter_context(quant.keeping_outputs(layer, phase))
-        yield
-
-
-def matmul_output_bytes(model: nn.Module, tokens: int) -> int:
-    """Bytes that keeping one decoder layer's 4-bit matmul outputs costs for `tokens` tokens."""
-    linears = [m for m in decoder_layers(model)[0].modules() if isinstance(m, quant.Linear4bit)]
-    return sum(tokens * m.out_features * m.compute_dtype.itemsize for m in linears)
-
-
-def matmul_layers_within(model: nn.Module, budget_gb: float, tokens: int) -> int:
-    """How many decoder layers' matmul outputs fit in `budget_gb` (train.keep_matmuls_gb)."""
-    return layers_within_budget(matmul_output_bytes(model, tokens), len(decoder_layers(model)), budget_gb)
-
-
-def layers_within_budget(per_layer: int, layers: int, budget_gb: float) -> int:
-    """How many of `layers` layers costing `per_layer` bytes each fit in `budget_gb` GB (1e9);
-    the rule of train.keep_matmuls_gb, shared by the trainer and `qlora plan`."""
-    if per_layer == 0:  # a 16-bit base has no 4-bit matmuls to keep
-        return 0
-    return min(layers, int(budget_gb * 1e9 // per_layer))

@@ -160,7 +160,7 @@ def lora_tensors(shape: ModelShape, w: Workload) -> list[int]:
 
 
 def matmul_output_bytes(shape: ModelShape, w: Workload) -> int:
-    """Bytes that keeping one layer's 4-bit matmul outputs costs (qlora.model.matmul_output_bytes)."""
+    """Bytes that keeping one layer's 4-bit matmul outputs costs (qlora.checkpointing.matmul_output_bytes)."""
     if w.quantization == "none":
         return 0
     return w.tokens * sum(o for o, _ in shape.linears().values()) * w.compute_itemsize
@@ -168,7 +168,7 @@ def matmul_output_bytes(shape: ModelShape, w: Workload) -> int:
 
 def kept_layers(shape: ModelShape, w: Workload) -> int:
     """Layers train.keep_matmuls_gb buys, by the trainer's own rule."""
-    from .model import layers_within_budget
+    from .checkpointing import layers_within_budget
     if not w.checkpointing:
         return 0
     return layers_within_budget(matmul_output_bytes(shape, w), shape.layers, w.keep_matmuls_gb)

@@ -196,9 +196,10 @@ class _Matmul4bit(torch.autograd.Function):
     """y = x @ W.T + bias [+ a @ lora_B.T] for a frozen 4-bit W; backward returns the input
     gradient and, with an adapter, the gradients of its r-wide input `a` and of B.
 
-    `kept` is this call's output saved by the original forward pass when selective
-    checkpointing recomputes the layer (see `keeping_outputs`): it is returned as is, so the
-    recompute costs no dequantization and no GEMM, while backward still flows through W.
+    `kept` is, during a checkpoint's recompute, this call's output kept by the original
+    forward pass, or a stand-in for an output backward never reads (`checkpoint_phase`): it
+    is returned as is, so the recompute costs no dequantization and no GEMM, while backward
+    still flows through W and saves `a` and B as usual.
     """
 
     @staticmethod
@@ -249,23 +250,25 @@ def _attach_if_streamed(weight: Params4bit, step: int) -> None:
         streamer.use(layer, step)
 
 
-# Which phase of a selectively checkpointed layer is running: None, "forward" or "recompute".
-_KEEP_PHASE: list[str | None] = [None]
+# Which pass of a checkpointed decoder layer is running: None, "forward" or "recompute".
+_PHASE: list[str | None] = [None]
 
 
 @contextlib.contextmanager
-def keeping_outputs(layer: nn.Module, phase: str):
-    """While active, the 4-bit linears of `layer` keep their outputs ("forward") or hand the
-    kept ones back in the same order ("recompute"). Used as a checkpoint context_fn pair."""
+def checkpoint_phase(layer: nn.Module, phase: str):
+    """While active, the 4-bit linears of `layer` know which pass of gradient checkpointing
+    runs them (a checkpoint context_fn pair, `qlora.checkpointing`): in "forward" those with
+    `keep_outputs` keep their outputs, in "recompute" they hand the kept ones back and those
+    whose output backward never reads (`unread_in_recompute`) skip their matmul."""
     if phase == "forward":
         for m in layer.modules():
             if isinstance(m, QuantLinear):
                 m.kept.clear()  # leftovers of a forward whose backward never ran
-    previous, _KEEP_PHASE[0] = _KEEP_PHASE[0], phase
+    previous, _PHASE[0] = _PHASE[0], phase
     try:
         yield
     finally:
-        _KEEP_PHASE[0] = previous
+        _PHASE[0] = previous
 
 
 class QuantLinear(Linear4bit):
@@ -280,19 +283,33 @@ class QuantLinear(Linear4bit):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.keep_outputs = False  # selective checkpointing keeps this layer's outputs
         self.kept: collections.deque[torch.Tensor] = collections.deque()
+        # Whether backward never reads this output's value, so the recompute may skip the
+        # matmul (None until `qlora.checkpointing` has looked at the layer's first graph).
+        self.unread_in_recompute: bool | None = None
+        self.output_node = None  # the output's grad_fn, recorded for that one look
 
     def forward(self, x: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features). `lora` = (a, B): an adapter's r-wide
         input (..., r), already scaled, and its B (out_features, r), added inside the matmul."""
-        dtype, phase = self.compute_dtype, _KEEP_PHASE[0]
+        dtype, phase = self.compute_dtype, _PHASE[0]
         bias = None if self.bias is None else self.bias.to(dtype)
-        kept = self.kept.popleft() if phase == "recompute" and self.kept else None
+        kept = None
+        if phase == "recompute":
+            if self.kept:
+                kept = self.kept.popleft()
+            elif self.unread_in_recompute:  # a stand-in of the right shape, never read
+                kept = x.new_empty((), dtype=dtype).expand(*x.shape[:-1], self.out_features)
         a, lora_B = lora if lora is not None else (None, None)
         y = _Matmul4bit.apply(x.to(dtype), self.weight, bias, kept, a, lora_B)
+        out = y.to(x.dtype)  # (..., out_features)
         if phase == "forward":
-            self.kept.append(y.detach())
-        return y.to(x.dtype)  # (..., out_features)
+            if self.keep_outputs:
+                self.kept.append(y.detach())
+            if self.unread_in_recompute is None:
+                self.output_node = out.grad_fn
+        return out
 
 
 def empty_quant_linear(linear: nn.Linear, quant_type: str, double_quant: bool,

@@ -31,8 +31,8 @@ from .generate import generate, prompt_style
 from .lora import add_lora, trainable_report
 from .loss import lm_loss_sum
 from .metrics import MetricsLog, device_used_gb, peak_memory_gb, plot_loss, reset_peak_memory
-from .model import (decoder_layers, enable_gradient_checkpointing, load_model, model_config,
-                    load_tokenizer, matmul_layers_within)
+from .checkpointing import enable_gradient_checkpointing, matmul_layers_within
+from .model import decoder_layers, load_model, load_tokenizer, model_config
 from .memory import release_if_grown, release_memory_per_layer
 from .optim import LossScaler, build_optimizer, build_scheduler
 from .processes import main_first

@@ -15,7 +15,8 @@ from qlora.errors import QloraError
 from qlora.generate import generate
 from qlora.config import LoraConfig
 from qlora.lora import add_lora
-from qlora.model import enable_gradient_checkpointing, load_model, load_tokenizer
+from qlora.checkpointing import enable_gradient_checkpointing
+from qlora.model import load_model, load_tokenizer
 from qlora.offload import DiskHome
 from qlora.prequantized import CACHE_STAMP
 from qlora.train import train

@@ -17,7 +17,8 @@ from qlora.errors import QloraError
 from qlora.config import LoraConfig
 from qlora.lora import add_lora
 from qlora.loss import lm_loss_sum
-from qlora.model import decoder_layers, enable_gradient_checkpointing, load_model, matmul_layers_within
+from qlora.checkpointing import enable_gradient_checkpointing, matmul_layers_within
+from qlora.model import decoder_layers, load_model
 from qlora.model_shapes import read_shape
 from qlora.optim import build_optimizer
 from qlora.plan import STEP_TERMS, parse_device, plan_recipe, to_json

@@ -122,7 +122,8 @@ def test_a_sibling_called_with_another_tensor_computes_its_own():
 def test_checkpointing_replays_the_shared_masks(stories):
     """With shared masks (the default), checkpointing's recompute must draw the masks the
     forward drew: gradients bitwise equal with and without it, on the 4-bit model."""
-    from qlora.model import enable_gradient_checkpointing, load_model
+    from qlora.checkpointing import enable_gradient_checkpointing
+    from qlora.model import load_model
     grads = []
     for checkpointing in (False, True):
         model = load_model(stories)

@@ -340,7 +340,7 @@ def test_checkpointing_computes_no_input_gradient_for_the_embeddings(stories, mo
     with frozen embeddings that only costs layer 0's q/k/v input gradients (a dequantize and
     a GEMM each). Without the hook: 7 per layer minus those 3, and the same LoRA gradients."""
     from qlora import quant
-    from qlora.model import enable_gradient_checkpointing
+    from qlora.checkpointing import enable_gradient_checkpointing
     calls = []
     real = quant._cpu_input_grad
     monkeypatch.setattr(quant, "_cpu_input_grad", lambda *a: calls.append(1) or real(*a))
