@@ -22,6 +22,8 @@ configuration. Each configuration switches one lever back to what qlora did befo
   unread outputs       -> the recompute also runs down_proj's 4-bit matmul, whose output
                           only feeds the residual sum backward never reads
   keep matmul outputs  -> (off by default) train.keep_matmuls_gb large enough for every layer
+  2048-row tiles       -> quant.TILE_ROWS 1024 instead of 2048 (on AMX CPUs; elsewhere the
+                          default is 1024 and this row is the default)
 
 "peak GB" is VmHWM after the configuration's steps, reset to the current RSS before them, so
 it is comparable between rows of one run only. Random-weight shapes come from _shapes.py.
@@ -54,7 +56,7 @@ def main() -> None:
                     help="lora.dtype of the adapters")
     ap.add_argument("--configs", default="all",
                     help="comma list of rows to run: default, tiled, mask, rng, shared, fused, unread, release, "
-                         "layer-release, none, keep (the 'without ...' rows are named by their lever)")
+                         "layer-release, none, keep, tiles2048 (the 'without ...' rows are named by their lever)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -107,7 +109,10 @@ def main() -> None:
         "unread": never_unread}
     hooks: list = []
 
+    tile_rows = quant.TILE_ROWS
+
     def apply(off: set[str], keep: bool) -> None:
+        quant.TILE_ROWS = 1024 if "tiles2048" in off else tile_rows
         quant._cpu_forward = before["cpu_forward"] if "tiled" in off else current["cpu_forward"]
         quant._cpu_input_grad = before["cpu_input_grad"] if "tiled" in off else current["cpu_input_grad"]
         lora.drop_unscaled = (before["drop"] if "mask" in off else torch_bits_drop if "rng" in off
@@ -145,8 +150,9 @@ def main() -> None:
         "release": ("  without release of freed memory", {"release", "layer-release"}, False),
         "layer-release": ("  without release per layer", {"layer-release"}, False),
         "none": ("none of the levers", {"tiled", "mask", "shared", "fused", "unread", "release",
-                                         "layer-release"}, False),
+                                         "layer-release", "tiles2048"}, False),
         "keep": ("default + keep matmul outputs (all layers)", set(), True),
+        "tiles2048": ("  without 2048-row tiles on AMX", {"tiles2048"}, False),
     }
     keys = list(all_configs) if args.configs == "all" else args.configs.split(",")
     for k in keys:

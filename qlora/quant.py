@@ -36,12 +36,26 @@ BLOCKSIZE = 64  # QLoRA's NF4 block size: one absmax per 64 weights
 QUANT_TYPES = ("nf4", "fp4")
 
 
-# Weight rows dequantized at once on CPU: 8 MB of bf16 at in_features 4096. Tiling every
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tile units (Linux lists them in /proc/cpuinfo's flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+# Weight rows dequantized at once on CPU: 8-16 MB of bf16 at in_features 4096. Tiling every
 # weight, even ones a whole-weight buffer would fit in the heap for, keeps the training peak
-# low (1.3B: 1.83 GB instead of 2.18 GB whole, benchmarks/README.md). 1024, not 512: on AMX,
-# oneDNN runs 512-wide tiles at about half the rate (7B forward 24 vs 48 ms,
-# benchmarks/matmul4bit.py), and the 1.3B step went from 69.7 to 89.9 tok/s ("#19 levers").
-TILE_ROWS = 1024
+# low (1.3B: 1.83 GB instead of 2.18 GB whole, benchmarks/README.md). On AMX, oneDNN's GEMM
+# rate grows with the tile: 512-wide tiles ran at about half the rate of 1024 (7B forward 24
+# vs 48 ms, benchmarks/matmul4bit.py), and 2048 rows make a 1.3B step 5% faster than 1024
+# (levers.py, `tiles2048` row) for the same peak RSS. Without AMX the width did not matter
+# for speed, so those CPUs keep the smaller buffers.
+TILE_ROWS = 2048 if _cpu_has_amx() else 1024
 
 
 def absmax_f32(state: QuantState) -> torch.Tensor:
@@ -52,11 +66,8 @@ def absmax_f32(state: QuantState) -> torch.Tensor:
 
 
 def _row_tiles(n: int, k: int, blocksize: int):
-    """Row ranges [a, b) of an (n, k) weight, starting on a block edge.
-
-    512 rows (and 512 columns for the input gradient's tiles): 4-11 MB of bf16 per tile at
-    7B widths, wide enough for full-speed GEMMs (`benchmarks/matmul4bit.py --tile-rows N`).
-    """
+    """Row ranges [a, b) of an (n, k) weight, TILE_ROWS rows each (the input gradient's
+    column tiles are as wide), starting on a block edge."""
     rows = _tile_height(blocksize)
     for a in range(0, n, rows):
         yield a, min(n, a + rows)
