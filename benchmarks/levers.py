@@ -22,8 +22,8 @@ configuration. Each configuration switches one lever back to what qlora did befo
   unread outputs       -> the recompute also runs down_proj's 4-bit matmul, whose output
                           only feeds the residual sum backward never reads
   keep matmul outputs  -> (off by default) train.keep_matmuls_gb large enough for every layer
-  2048-row tiles       -> quant.TILE_ROWS 1024 instead of 2048 (on AMX CPUs; elsewhere the
-                          default is 1024 and this row is the default)
+  2048-row tiles       -> 1024-row GEMM tiles on AMX CPUs too (quant.AMX_TILE_WEIGHTS 0;
+                          without AMX this row is the default)
 
 "peak GB" is VmHWM after the configuration's steps, reset to the current RSS before them, so
 it is comparable between rows of one run only. Random-weight shapes come from _shapes.py.
@@ -109,10 +109,10 @@ def main() -> None:
         "unread": never_unread}
     hooks: list = []
 
-    tile_rows = quant.TILE_ROWS
+    amx_tiles = quant.AMX_TILE_WEIGHTS
 
     def apply(off: set[str], keep: bool) -> None:
-        quant.TILE_ROWS = 1024 if "tiles2048" in off else tile_rows
+        quant.AMX_TILE_WEIGHTS = 0 if "tiles2048" in off else amx_tiles
         quant._cpu_forward = before["cpu_forward"] if "tiled" in off else current["cpu_forward"]
         quant._cpu_input_grad = before["cpu_input_grad"] if "tiled" in off else current["cpu_input_grad"]
         lora.drop_unscaled = (before["drop"] if "mask" in off else torch_bits_drop if "rng" in off

@@ -40,7 +40,7 @@ def main() -> None:
     import torch
     from qlora import quant
     if args.tile_rows:
-        quant.TILE_ROWS = args.tile_rows
+        quant.TILE_ROWS, quant.AMX_TILE_WEIGHTS = args.tile_rows, 0
 
     print("| weight (out x in) | bnb fwd ms | tiled fwd ms | bnb input-grad ms | tiled input-grad ms | fwd bitwise equal | input-grad bitwise equal "
           "| input-grad max error, row tiles / column tiles |")

@@ -28,7 +28,7 @@ CPU_TRAINING_RUNTIME = 55 * 10**6
 # memory outside torch's allocator; ~0.5 GiB on recent GPUs with lazy module loading. Not
 # measured here (no GPU): an estimate.
 CUDA_CONTEXT = 2**29
-TILE = _tile_height(BLOCKSIZE)  # rows/columns of a dequantized tile on CPU (qlora/quant.py)
+TILE = _tile_height(BLOCKSIZE)  # rows quantized at once while loading on CPU (qlora/quant.py)
 BITSANDBYTES_MIN_8BIT = 4096  # bitsandbytes keeps smaller tensors' state in fp32 (min_8bit_size)
 # qlora.offload.LayerStreamer holds two payload buffers on the device once training runs: the
 # layer in use and the next one, being prefetched (on CPU a free list of two, reused).
@@ -276,7 +276,7 @@ def layer_terms(shape: ModelShape, w: Workload, device: str) -> dict[str, int]:
 def matmul_temporaries(shape: ModelShape, w: Workload, device: str) -> int:
     """The largest 4-bit matmul's temporaries in backward (its input gradient).
 
-    CPU (qlora/quant.py): an n x 512 column tile of the dequantized weight, the tile's codes
+    CPU (qlora/quant.py): an n-row column tile of the dequantized weight, the tile's codes
     and scales gathered, the weight's fp32 scales, plus the GEMM's packed copies of the tile
     and of the incoming gradient (oneDNN repacks bf16 operands). CUDA: the whole weight
     dequantized to the compute dtype, and its fp32 scales.
@@ -287,7 +287,7 @@ def matmul_temporaries(shape: ModelShape, w: Workload, device: str) -> int:
     for n, k in shape.linears().values():
         scales = n * k // 64 * 4
         if device == "cpu":
-            cols = min(k, TILE)
+            cols = min(k, _tile_height(BLOCKSIZE, n))  # this CPU's column tile
             size = 2 * n * cols * a + n * cols // 2 + n * cols // 64 * 4 + scales + w.tokens * n * a
         else:
             size = n * k * a + scales

@@ -48,14 +48,18 @@ def _cpu_has_amx() -> bool:
     return False
 
 
-# Weight rows dequantized at once on CPU: 8-16 MB of bf16 at in_features 4096. Tiling every
-# weight, even ones a whole-weight buffer would fit in the heap for, keeps the training peak
-# low (1.3B: 1.83 GB instead of 2.18 GB whole, benchmarks/README.md). On AMX, oneDNN's GEMM
-# rate grows with the tile: 512-wide tiles ran at about half the rate of 1024 (7B forward 24
-# vs 48 ms, benchmarks/matmul4bit.py), and 2048 rows make a 1.3B step 5% faster than 1024
-# (levers.py, `tiles2048` row) for the same peak RSS. Without AMX the width did not matter
-# for speed, so those CPUs keep the smaller buffers.
-TILE_ROWS = 2048 if _cpu_has_amx() else 1024
+# Weight rows dequantized at once on CPU (and quantized at once while loading): 8 MB of bf16
+# at in_features 4096. Tiling every weight, even ones a whole-weight buffer would fit in the
+# heap for, keeps the training peak low (1.3B: 1.83 GB instead of 2.18 GB whole,
+# benchmarks/README.md). 1024, not 512: on AMX, oneDNN runs 512-wide tiles at about half the
+# rate (7B forward 24 vs 48 ms, benchmarks/matmul4bit.py; the 1.3B step went from 69.7 to
+# 89.9 tok/s, "#19 levers").
+TILE_ROWS = 1024
+# On AMX CPUs a GEMM's tile grows up to 2 * TILE_ROWS rows while it holds at most this many
+# weights (8 MB of bf16): at 2048-wide layers the wider tiles made a 1.3B step 4% faster for
+# the same peak RSS; at 65B's widths a 1024-row tile is already this big, and 2048 rows tied
+# for 0.1 GB more (levers.py `tiles2048` row, offload.py). Without AMX it is 0 (no growth).
+AMX_TILE_WEIGHTS = 2048 * 2048 if _cpu_has_amx() else 0
 
 
 def absmax_f32(state: QuantState) -> torch.Tensor:
@@ -65,16 +69,21 @@ def absmax_f32(state: QuantState) -> torch.Tensor:
     return state.absmax.float()
 
 
-def _row_tiles(n: int, k: int, blocksize: int):
-    """Row ranges [a, b) of an (n, k) weight, TILE_ROWS rows each (the input gradient's
-    column tiles are as wide), starting on a block edge."""
-    rows = _tile_height(blocksize)
+def _row_tiles(n: int, rows: int):
+    """Row ranges [a, b) of `rows` rows (the last one ragged) over n rows."""
     for a in range(0, n, rows):
         yield a, min(n, a + rows)
 
 
-def _tile_height(blocksize: int) -> int:
-    return -(-TILE_ROWS // blocksize) * blocksize
+def _tile_height(blocksize: int, length: int = 0) -> int:
+    """Rows per tile of a weight whose rows are `length` long (or columns per column tile,
+    whose columns are `length` long): TILE_ROWS, grown on AMX CPUs up to twice that within
+    AMX_TILE_WEIGHTS when `length` is given (GEMM tiles, not the loader's). Whole blocks, so
+    every tile starts on a block edge."""
+    rows = TILE_ROWS
+    if length and AMX_TILE_WEIGHTS:
+        rows = max(rows, min(2 * rows, AMX_TILE_WEIGHTS // length))
+    return -(-rows // blocksize) * blocksize
 
 
 def _weight_rows(packed, absmax, state: QuantState, k: int, dtype, a: int, b: int,
@@ -116,7 +125,7 @@ def _dequantize_into(kernel, codes: torch.Tensor, scales: torch.Tensor, out: tor
 
 def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None,
                  lora_in: torch.Tensor | None = None, lora_B: torch.Tensor | None = None) -> torch.Tensor:
-    """`x2 @ W.T + bias` with W dequantized one row tile (TILE_ROWS) at a time; with an
+    """`x2 @ W.T + bias` with W dequantized one row tile (`_tile_height`) at a time; with an
     adapter, `+ lora_in @ lora_B.T` (its r-wide input (M, r) and B (n, r)) in the same tiles.
 
     Why tiles: bitsandbytes' CPU path dequantizes the whole weight per call. At 7B an MLP
@@ -136,8 +145,9 @@ def _cpu_forward(x2: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None
     state, (m, k), n = weight.quant_state, x2.shape, weight.quant_state.shape[0]
     packed, absmax = weight.data.view(-1), absmax_f32(state)
     y = x2.new_empty(m, n)  # (M, n)
-    buf = x2.new_empty(min(n, _tile_height(state.blocksize)), k)  # one tile buffer per call, not per tile
-    for a, b in _row_tiles(n, k, state.blocksize):
+    rows = _tile_height(state.blocksize, k)
+    buf = x2.new_empty(min(n, rows), k)  # one tile buffer per call, not per tile
+    for a, b in _row_tiles(n, rows):
         w = _weight_rows(packed, absmax, state, k, x2.dtype, a, b, buf)  # (b-a, k)
         yt = y[:, a:b]  # (M, b-a), this tile's output columns
         if lora_in is not None:
@@ -176,7 +186,7 @@ def _cpu_input_grad(g2: torch.Tensor, weight: Params4bit, k: int) -> torch.Tenso
     if kernel is None or k % bs:
         return _cpu_input_grad_rows(g2, weight, k, absmax)
     codes, scales = weight.data.view(n, k // 2), absmax.view(n, k // bs)  # row-major, per row
-    cols = min(k, _tile_height(bs))
+    cols = min(k, _tile_height(bs, n))
     gx = g2.new_empty(g2.shape[0], k)  # (M, k)
     w_buf = g2.new_empty(n * cols)
     codes_buf = codes.new_empty(n * cols // 2)
@@ -196,8 +206,9 @@ def _cpu_input_grad_rows(g2: torch.Tensor, weight: Params4bit, k: int, absmax) -
     """`g2 @ W` accumulated over W's row tiles (partial sums rounded to bf16 per tile)."""
     state, n = weight.quant_state, weight.quant_state.shape[0]
     packed = weight.data.view(-1)
-    gx, buf = None, g2.new_empty(min(n, _tile_height(state.blocksize)), k)
-    for a, b in _row_tiles(n, k, state.blocksize):
+    rows = _tile_height(state.blocksize, k)
+    gx, buf = None, g2.new_empty(min(n, rows), k)
+    for a, b in _row_tiles(n, rows):
         w = _weight_rows(packed, absmax, state, k, g2.dtype, a, b, buf)
         gx = g2[:, a:b] @ w if gx is None else gx.addmm_(g2[:, a:b], w)
     return gx
@@ -343,7 +354,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str, double_quant: bool) -> tuple
     """
     n, k = w.shape
     parts = [torch.ops.bitsandbytes.quantize_4bit.default(w[a:b], BLOCKSIZE, quant_type, torch.uint8)
-             for a, b in _row_tiles(n, k, BLOCKSIZE)]
+             for a, b in _row_tiles(n, _tile_height(BLOCKSIZE))]
     packed = torch.cat([p for p, _ in parts])  # (n*k/2, 1) uint8, two codes per byte
     absmax = torch.cat([m for _, m in parts])  # (n*k/64,) fp32
     del parts

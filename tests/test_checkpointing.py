@@ -86,7 +86,7 @@ def test_recompute_skips_only_an_unread_down_proj(stories, monkeypatch, variant)
 def test_unread_skip_at_a_1p3b_layer_shape(tmp_path, monkeypatch):
     """One decoder layer at the 1.3B widths (hidden 2048, FFN 5504: down_proj's 4-bit matmul
     is two 1024-row tiles here) trains to the same gradients with the skip."""
-    monkeypatch.setattr(quant, "TILE_ROWS", 1024)
+    monkeypatch.setattr(quant, "AMX_TILE_WEIGHTS", 0)
     path = write_tiny_model(tmp_path / "m", dtype=torch.bfloat16, hidden_size=2048,
                             intermediate_size=5504, num_hidden_layers=1, num_attention_heads=16,
                             num_key_value_heads=16, vocab_size=512)

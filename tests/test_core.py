@@ -121,6 +121,7 @@ def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_q
     native = quant._cpu_dequantize_kernel(quant_type, torch.bfloat16, in_features, 64)
     assert (native is None) == (in_features % 2 == 1)  # this bitsandbytes build has it
     monkeypatch.setattr(quant, "TILE_ROWS", 64)  # 5 tiles, the last one partial
+    monkeypatch.setattr(quant, "AMX_TILE_WEIGHTS", 0)
     g = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(in_features, 300, bias=True, dtype=torch.bfloat16)
     layer = quant.empty_quant_linear(linear, quant_type, double_quant, torch.bfloat16)
@@ -149,16 +150,16 @@ def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_q
         assert tiles.max() <= 2 and tiles.mean() <= 1.1 * whole.mean(), (tiles.max(), tiles.mean(), whole.mean())
 
 
-@pytest.mark.parametrize("tile_rows", [1024, 2048])
+@pytest.mark.parametrize("amx_tile_weights", [0, 2048 * 2048])
 @pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float32])
-def test_adapter_inside_the_4bit_tiles_at_a_1p3b_mlp_shape(monkeypatch, factor_dtype, tile_rows):
+def test_adapter_inside_the_4bit_tiles_at_a_1p3b_mlp_shape(monkeypatch, factor_dtype, amx_tile_weights):
     """B's GEMM rides in the 4-bit matmul's row tiles (quant._cpu_forward): at a 1.3B
     gate_proj shape (5504 x 2048: five 1024-row tiles and a 384-row one, or two 2048-row
     tiles and a 1408-row one, as AMX CPUs run it) the output is the plain
     `x W^T + a B^T` no less accurately than a separate B GEMM and sum (lora.lora_up), and the
     gradients of x, a and B are the plain products."""
     from qlora.lora import lora_up
-    monkeypatch.setattr(quant, "TILE_ROWS", tile_rows)
+    monkeypatch.setattr(quant, "AMX_TILE_WEIGHTS", amx_tile_weights)
     g = torch.Generator().manual_seed(0)
     n, k, r = 5504, 2048, 16
     layer = quant.empty_quant_linear(torch.nn.Linear(k, n, bias=False), "nf4", True, torch.bfloat16)

@@ -347,7 +347,7 @@ def test_cpu_matmul_temporaries_bound_the_input_gradients_scratch():
     grad = torch.randn(tokens, n).to(torch.bfloat16)
     scratch = _live_peak(lambda: quant._cpu_input_grad(grad, weight, k)) - tokens * k * 2
     rec = recipe("huggyllama/llama-7b", seq=tokens)
-    t = quant._tile_height(quant.BLOCKSIZE)  # columns per tile on this CPU
+    t = quant._tile_height(quant.BLOCKSIZE, n)  # columns per tile on this CPU
     ours = n * t * 2 + n * t // 2 + n * t // 64 * 4 + n * k // 64 * 4  # tile, its codes and scales, absmax
     assert ours <= scratch <= matmul_temporaries(read_shape("huggyllama/llama-7b"), Workload.from_recipe(rec), "cpu")
 
