@@ -55,7 +55,8 @@ def enable_gradient_checkpointing(model: PreTrainedModel, keep_matmul_layers: in
     streamer = getattr(model, "qlora_streamer", None)
     for i, layer in enumerate(decoder_layers(model)):
         keep = i < keep_matmul_layers
-        for m in _quant_linears(layer):
+        linears = [m for m in layer.modules() if isinstance(m, quant.QuantLinear)]  # found once
+        for m in linears:
             m.keep_outputs, m.unread_in_recompute, m.output_node = keep, None, None
         if not isinstance(layer, GradientCheckpointingLayer):
             if keep or streamer is not None:
@@ -64,39 +65,39 @@ def enable_gradient_checkpointing(model: PreTrainedModel, keep_matmul_layers: in
                                  "(set train.keep_matmuls_gb=0 and model.offload=none)")
             continue  # transformers' own checkpointing, without the recompute's savings
         # transformers' GradientCheckpointingLayer calls this attribute to checkpoint itself
-        contexts = functools.partial(_layer_contexts, layer, i, streamer)
-        layer._gradient_checkpointing_func = functools.partial(_checkpoint_layer, layer, contexts)
+        contexts = functools.partial(_layer_contexts, linears, i, streamer)
+        layer._gradient_checkpointing_func = functools.partial(_checkpoint_layer, linears, contexts)
 
 
-def _checkpoint_layer(layer: nn.Module, contexts, forward, *args):
-    """torch's checkpoint of one layer; after its first forward with autograd on, find the
-    4-bit linears whose output backward never reads."""
+def _checkpoint_layer(linears: list[quant.QuantLinear], contexts, forward, *args):
+    """torch's checkpoint of one layer; after its first forward with autograd on, find which
+    of its 4-bit `linears` have an output backward never reads."""
     out = checkpoint(forward, *args, use_reentrant=False, context_fn=contexts)
-    if any(m.output_node is not None for m in _quant_linears(layer)):
-        mark_unread_outputs(layer, args, out)
+    if any(m.output_node is not None for m in linears):
+        mark_unread_outputs(linears, args, out)
     return out
 
 
-def _layer_contexts(layer, i, streamer):
+def _layer_contexts(linears, i, streamer):
     """(context of the original forward, context of the recompute) for torch's checkpoint.
 
     The recompute does not pass through module hooks (transformers checkpoints `forward`,
     not `__call__`), so this is where a streamed layer learns that it is needed again."""
-    return _phase(layer, i, None, "forward"), _phase(layer, i, streamer, "recompute")
+    return _phase(linears, i, None, "forward"), _phase(linears, i, streamer, "recompute")
 
 
 @contextlib.contextmanager
-def _phase(layer, i, streamer, phase):
+def _phase(linears, i, streamer, phase):
     with contextlib.ExitStack() as stack:  # entered only when checkpoint enters this phase
         if streamer is not None:
             stack.enter_context(recompute_context(streamer, i))
-        stack.enter_context(quant.checkpoint_phase(layer, phase))
+        stack.enter_context(quant.checkpoint_phase(linears, phase))
         yield
 
 
-def mark_unread_outputs(layer: nn.Module, inputs: tuple, out) -> None:
-    """Set `unread_in_recompute` on each 4-bit linear of `layer` from the autograd graph of
-    its first forward (`out` is the layer's output, `inputs` its positional inputs).
+def mark_unread_outputs(linears: list[quant.QuantLinear], inputs: tuple, out) -> None:
+    """Set `unread_in_recompute` on a layer's 4-bit `linears` from the autograd graph of its
+    first forward (`out` is the layer's output, `inputs` its positional inputs).
 
     An output is unread when it feeds nothing but the sum that is the layer's output: the
     output's grad_fn is an AddBackward0 (a sum saves no tensors), the linear's output node
@@ -106,7 +107,6 @@ def mark_unread_outputs(layer: nn.Module, inputs: tuple, out) -> None:
     into a saved tensor); no decoder layer transformers ships does that after its last
     matmul.
     """
-    linears = _quant_linears(layer)
     by_node = {m.output_node: m for m in linears if m.output_node is not None}
     for m in linears:
         m.output_node = None  # the graph must not outlive this look
@@ -131,10 +131,6 @@ def mark_unread_outputs(layer: nn.Module, inputs: tuple, out) -> None:
     for node in children:
         if node in by_node and node not in reached:
             by_node[node].unread_in_recompute = True
-
-
-def _quant_linears(layer: nn.Module) -> list[quant.QuantLinear]:
-    return [m for m in layer.modules() if isinstance(m, quant.QuantLinear)]
 
 
 def matmul_output_bytes(model: nn.Module, tokens: int) -> int:

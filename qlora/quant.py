@@ -277,15 +277,14 @@ _PHASE: list[str | None] = [None]
 
 
 @contextlib.contextmanager
-def checkpoint_phase(layer: nn.Module, phase: str):
-    """While active, the 4-bit linears of `layer` know which pass of gradient checkpointing
+def checkpoint_phase(linears: list[QuantLinear], phase: str):
+    """While active, a layer's 4-bit `linears` know which pass of gradient checkpointing
     runs them (a checkpoint context_fn pair, `qlora.checkpointing`): in "forward" those with
     `keep_outputs` keep their outputs, in "recompute" they hand the kept ones back and those
     whose output backward never reads (`unread_in_recompute`) skip their matmul."""
     if phase == "forward":
-        for m in layer.modules():
-            if isinstance(m, QuantLinear):
-                m.kept.clear()  # leftovers of a forward whose backward never ran
+        for m in linears:
+            m.kept.clear()  # leftovers of a forward whose backward never ran
     previous, _PHASE[0] = _PHASE[0], phase
     try:
         yield
