@@ -24,6 +24,8 @@ configuration. Each configuration switches one lever back to what qlora did befo
   keep matmul outputs  -> (off by default) train.keep_matmuls_gb large enough for every layer
   2048-row tiles       -> 1024-row GEMM tiles on AMX CPUs too (quant.AMX_TILE_WEIGHTS 0;
                           without AMX this row is the default)
+  head gradient in     -> the head + cross-entropy in checkpointed chunks, their gradient taken
+  the loss's forward      in backward by autograd (recomputing the head's GEMM)
 
 "peak GB" is VmHWM after the configuration's steps, reset to the current RSS before them, so
 it is comparable between rows of one run only. Random-weight shapes come from _shapes.py.
@@ -64,7 +66,7 @@ def main() -> None:
     import torch
 
     import _shapes
-    from qlora import checkpointing, lora, memory, model as qmodel, quant
+    from qlora import checkpointing, lora, loss, memory, model as qmodel, quant
     from qlora.config import LoraConfig
     from qlora.lora import add_lora
     from qlora.loss import lm_loss_sum
@@ -81,7 +83,8 @@ def main() -> None:
     current = {
         "cpu_forward": quant._cpu_forward, "cpu_input_grad": quant._cpu_input_grad,
         "drop": lora.drop_unscaled, "release": memory.release_freed_memory,
-        "forward": lora.LoRALinear.forward, "unread": checkpointing.mark_unread_outputs}
+        "forward": lora.LoRALinear.forward, "unread": checkpointing.mark_unread_outputs,
+        "head": loss._fused}
 
     def torch_bits_drop(x, p):  # lora.drop_unscaled before its bits came from numpy
         with torch.profiler.record_function("qlora::dropout"):
@@ -106,7 +109,8 @@ def main() -> None:
         "drop": lambda x, p: x * torch.empty_like(x).bernoulli_(1 - p),
         "release": lambda: None,
         "forward": unfused_forward,
-        "unread": never_unread}
+        "unread": never_unread,
+        "head": lambda head, h: False}  # before: checkpointed chunks, the head's gradient in backward
     hooks: list = []
 
     amx_tiles = quant.AMX_TILE_WEIGHTS
@@ -124,6 +128,7 @@ def main() -> None:
         else:
             lora.share_inputs(model)
         checkpointing.mark_unread_outputs = before["unread"] if "unread" in off else current["unread"]
+        loss._fused = before["head"] if "head" in off else current["head"]
         checkpointing.enable_gradient_checkpointing(model, keep_matmul_layers=len(layers) if keep else 0)
         for h in hooks:
             h.remove()
@@ -150,9 +155,10 @@ def main() -> None:
         "release": ("  without release of freed memory", {"release", "layer-release"}, False),
         "layer-release": ("  without release per layer", {"layer-release"}, False),
         "none": ("none of the levers", {"tiled", "mask", "shared", "fused", "unread", "release",
-                                         "layer-release", "tiles2048"}, False),
+                                         "layer-release", "tiles2048", "head"}, False),
         "keep": ("default + keep matmul outputs (all layers)", set(), True),
         "tiles2048": ("  without 2048-row tiles on AMX", {"tiles2048"}, False),
+        "head": ("  without the head's gradient taken in the loss's forward", {"head"}, False),
     }
     keys = list(all_configs) if args.configs == "all" else args.configs.split(",")
     for k in keys:

@@ -20,8 +20,8 @@ max_seq_len tokens, C hidden, F intermediate, V vocabulary, L layers, r LoRA ran
   attention          SDPA's saved q/k/v/output, rotary tables, and masks when batches are padded
                      or packed (then grouped-query K/V are also repeated to every head)
   loss               final norm, the labelled positions' hidden states, one 256-token chunk of
-                     fp32 logits with its gradients (qlora/loss.py)
-  matmul_temporaries the 4-bit matmul's dequantized weight: 512-row/column tiles on CPU
+                     logits in fp32 and in the compute dtype (qlora/loss.py)
+  matmul_temporaries the 4-bit matmul's dequantized weight: 1024-row/column tiles on CPU
                      (qlora/quant.py) plus the GEMM's packed copies; the whole weight on CUDA
   allocator          CPU: freed heap glibc has not handed back (qlora/memory.py trims it once it
                      grows LAYER_TRIM_BUDGET); CUDA: the caching allocator's unused reserve
@@ -277,7 +277,7 @@ TERM_NOTES = {
     "kept_matmuls": "4-bit matmul outputs kept by train.keep_matmuls_gb",
     "layer_activations": "one layer's saved activations and the tensors in flight at its peak",
     "attention": "attention's saved q/k/v/output, rotary tables, masks",
-    "loss": "final norm, labelled hidden states, one chunk of fp32 logits and their gradients",
+    "loss": "final norm, labelled hidden states and their gradient, one chunk of logits (fp32 + compute dtype)",
     "matmul_temporaries": "the 4-bit matmul's dequantized weight (tiles on CPU) and GEMM copies",
     "offload_ring": "model.offload: the streamed layer in use and the next one, prefetched",
     "allocator": {"cpu": "freed heap not yet returned to the OS (qlora/memory.py trims it past a budget)",

@@ -296,13 +296,14 @@ def matmul_temporaries(shape: ModelShape, w: Workload, device: str) -> int:
 
 
 def loss_bytes(shape: ModelShape, w: Workload) -> int:
-    """qlora/loss.py at its peak, the backward of one chunk: the final norm's saved fp32 input
-    and its output, the labelled positions' hidden states gathered (and their gradient), the
-    gather's int64 indices, and the chunk's fp32 log-softmax, its gradient and the loss's."""
+    """qlora/loss.py at its peak, one chunk of the head in forward (its gradient is taken
+    there): the final norm's saved fp32 input and its output, the labelled positions' hidden
+    states gathered (and their gradient), the gather's int64 indices, and the chunk's fp32
+    logits beside their compute-dtype copy (the head's output, then the softmax's cast)."""
     m, c, a = w.tokens, shape.hidden, w.compute_itemsize
     labelled = w.batch_size * (w.max_seq_len - 1)
     chunk = min(CHUNK_TOKENS, labelled)
-    return m * (c * 4 + 4) + m * c * a + 2 * labelled * c * a + 16 * labelled + 3 * chunk * shape.vocab * 4
+    return m * (c * 4 + 4) + m * c * a + 2 * labelled * c * a + 16 * labelled + chunk * shape.vocab * (4 + a)
 
 
 def optimizer_step_bytes(shape: ModelShape, w: Workload, device: str) -> int:
