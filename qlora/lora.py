@@ -14,6 +14,7 @@ stacked, instead of one of each per projection. The factors stay separate parame
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -156,6 +157,12 @@ def unshare_inputs(model: nn.Module) -> None:
         layer.shared = None
 
 
+# Random words per numpy stream of a dropout mask (four mask elements each): a fixed split,
+# so a mask is the same on any number of cores; a (512, 2048) input takes two streams.
+MASK_STREAM_WORDS = 1 << 17
+_mask_pool: list[ThreadPoolExecutor] = []
+
+
 def drop_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:
     """`x` with each element zeroed with probability `p` (no 1/(1-p) rescale).
 
@@ -172,12 +179,36 @@ def drop_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:
     with torch.profiler.record_function("qlora::dropout"):  # benchmarks/_breakdown.py's label
         if x.device.type != "cpu":
             return x * torch.empty_like(x).bernoulli_(1 - p)
-        n = x.numel()
         seed = int(torch.randint(0, 2**62, ()).item())
-        words = np.random.PCG64DXSM(seed).random_raw((n + 3) // 4)  # uint64: four int16 lanes each
-        r = torch.from_numpy(words).view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
-        keep = r >= round(p * 65536) - 32768  # P(keep) = 1 - p
-        return torch.where(keep, x, 0)
+        return torch.where(keep_mask(seed, x.numel(), p).view(x.shape), x, 0)
+
+
+def keep_mask(seed: int, n: int, p: float) -> torch.Tensor:
+    """(n,) bools, each True with probability 1 - p, drawn from `seed`.
+
+    The words come in streams of MASK_STREAM_WORDS, each from its own child of the seed
+    (numpy's SeedSequence.spawn: independent streams), drawn and compared in threads: numpy
+    releases the GIL for both, so a mask no longer waits on one core (`maskthreads` row of
+    benchmarks/levers.py).
+    """
+    words = (n + 3) // 4  # uint64 words, four int16 lanes each
+    keep = np.empty(4 * words, dtype=np.bool_)
+    threshold = round(p * 65536) - 32768  # lanes are uniform on [-32768, 32767]: P(keep) = 1 - p
+    starts = range(0, words, MASK_STREAM_WORDS)
+    streams = np.random.SeedSequence(seed).spawn(len(starts))
+
+    def fill(stream: np.random.SeedSequence, a: int) -> None:
+        w = np.random.PCG64DXSM(stream).random_raw(min(MASK_STREAM_WORDS, words - a))
+        np.greater_equal(w.view(np.int16), threshold, out=keep[4 * a: 4 * (a + w.size)])
+
+    if len(starts) == 1 or torch.get_num_threads() == 1:
+        for stream, a in zip(streams, starts):
+            fill(stream, a)
+    else:
+        if not _mask_pool:
+            _mask_pool.append(ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="qlora-mask"))
+        list(_mask_pool[0].map(fill, streams, starts))
+    return torch.from_numpy(keep[:n])
 
 
 def add_lora(model: nn.Module, s: LoraConfig) -> list[str]:

@@ -210,6 +210,19 @@ def test_lora_dropout_is_inverted_dropout_on_the_adapter_input():
     assert abs((kept == 0).float().mean().item() - 0.05) < 0.002  # 1e6 draws: sd ~0.0002
     assert abs((drop_unscaled(x, 0.5) == 0).float().mean().item() - 0.5) < 0.002
 
+    # A mask is one draw per seed whatever the thread count; its numpy streams differ.
+    from qlora.lora import MASK_STREAM_WORDS, keep_mask
+    n, lanes = 8 * MASK_STREAM_WORDS + 3, 4 * MASK_STREAM_WORDS  # two whole streams, a ragged third
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        threaded = keep_mask(7, n, 0.3)
+        torch.set_num_threads(1)
+        assert torch.equal(threaded, keep_mask(7, n, 0.3))
+    finally:
+        torch.set_num_threads(threads)
+    assert threaded.shape == (n,) and not torch.equal(threaded[:lanes], threaded[lanes:2 * lanes])
+    assert abs(threaded.float().mean().item() - 0.7) < 0.003
 
     # training-mode output = base + (alpha/r)/(1-p) * B A (x * mask), with the mask it drew
     base = torch.nn.Linear(64, 96, bias=False, dtype=torch.bfloat16)
