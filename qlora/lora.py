@@ -197,17 +197,21 @@ def keep_mask(seed: int, n: int, p: float) -> torch.Tensor:
     starts = range(0, words, MASK_STREAM_WORDS)
     streams = np.random.SeedSequence(seed).spawn(len(starts))
 
-    def fill(stream: np.random.SeedSequence, a: int) -> None:
-        w = np.random.PCG64DXSM(stream).random_raw(min(MASK_STREAM_WORDS, words - a))
-        np.greater_equal(w.view(np.int16), threshold, out=keep[4 * a: 4 * (a + w.size)])
+    todo = iter(range(len(starts)))  # shared by the threads: each takes the next stream
 
-    if len(starts) == 1 or torch.get_num_threads() == 1:
-        for stream, a in zip(streams, starts):
-            fill(stream, a)
-    else:
-        if not _mask_pool:
-            _mask_pool.append(ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="qlora-mask"))
-        list(_mask_pool[0].map(fill, streams, starts))
+    def fill() -> None:
+        for i in todo:
+            a = starts[i]
+            w = np.random.PCG64DXSM(streams[i]).random_raw(min(MASK_STREAM_WORDS, words - a))
+            np.greater_equal(w.view(np.int16), threshold, out=keep[4 * a: 4 * (a + w.size)])
+
+    helpers = min(len(starts), torch.get_num_threads()) - 1
+    if helpers > 0 and not _mask_pool:
+        _mask_pool.append(ThreadPoolExecutor(torch.get_num_threads() - 1, thread_name_prefix="qlora-mask"))
+    running = [_mask_pool[0].submit(fill) for _ in range(helpers)]
+    fill()  # this thread works too, rather than wait
+    for r in running:
+        r.result()
     return torch.from_numpy(keep[:n])
 
 
