@@ -14,6 +14,8 @@ stacked, instead of one of each per projection. The factors stay separate parame
 from __future__ import annotations
 
 import math
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -161,6 +163,25 @@ def unshare_inputs(model: nn.Module) -> None:
 # so a mask is the same on any number of cores; a (512, 2048) input takes two streams.
 MASK_STREAM_WORDS = 1 << 17
 _mask_pool: list[ThreadPoolExecutor] = []
+_mask_pool_lock = [threading.Lock()]
+
+
+def _helpers_pool() -> ThreadPoolExecutor:
+    with _mask_pool_lock[0]:
+        if not _mask_pool:
+            _mask_pool.append(ThreadPoolExecutor(max(1, torch.get_num_threads() - 1),
+                                                 thread_name_prefix="qlora-mask"))
+        return _mask_pool[0]
+
+
+def _forget_pool() -> None:
+    """A forked child (a DataLoader worker, datasets' num_proc) inherits the pool without its
+    threads, and maybe the lock held: it makes its own on first use."""
+    _mask_pool.clear()
+    _mask_pool_lock[0] = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def drop_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -197,7 +218,7 @@ def keep_mask(seed: int, n: int, p: float) -> torch.Tensor:
     starts = range(0, words, MASK_STREAM_WORDS)
     streams = np.random.SeedSequence(seed).spawn(len(starts))
 
-    todo = iter(range(len(starts)))  # shared by the threads: each takes the next stream
+    todo = iter(range(len(starts)))  # shared by the threads (next() holds the GIL): each takes the next stream
 
     def fill() -> None:
         for i in todo:
@@ -206,12 +227,11 @@ def keep_mask(seed: int, n: int, p: float) -> torch.Tensor:
             np.greater_equal(w.view(np.int16), threshold, out=keep[4 * a: 4 * (a + w.size)])
 
     helpers = min(len(starts), torch.get_num_threads()) - 1
-    if helpers > 0 and not _mask_pool:
-        _mask_pool.append(ThreadPoolExecutor(torch.get_num_threads() - 1, thread_name_prefix="qlora-mask"))
-    running = [_mask_pool[0].submit(fill) for _ in range(helpers)]
-    fill()  # this thread works too, rather than wait
-    for r in running:
-        r.result()
+    running = [_helpers_pool().submit(fill) for _ in range(helpers)] if helpers > 0 else []
+    fill()  # this thread works too, until no stream is left
+    for r in running:  # a helper that never started has nothing left to do: cancel it
+        if not r.cancel():
+            r.result()  # wait for the stream it is drawing (and raise its error)
     return torch.from_numpy(keep[:n])
 
 

@@ -53,6 +53,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # grad_h is a constant: no second derivative
     def backward(ctx, g):  # g: () fp32, the gradient of whatever used the sum
         (grad_h,) = ctx.saved_tensors
         return grad_h * g, None, None, None

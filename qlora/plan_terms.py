@@ -321,7 +321,7 @@ def load_terms(shape: ModelShape, w: Workload, device: str, persistent: dict[str
     bare runtime), plus `loading`, what qlora.model's streaming loader holds on top.
 
     CPU: the largest checkpoint tensor as read (stored dtype) and cast (compute dtype), or
-    the tiled quantizer's temporaries (~7x a 512-row bf16 tile of the widest weight,
+    the tiled quantizer's temporaries (~7x a TILE-row bf16 tile of the widest weight,
     qlora.quant.quantize_4bit) on top of the largest linear. CUDA: tensors are read into host
     memory; the device holds the largest linear in the compute dtype while it is quantized,
     and its 4-bit tiles twice (the tiles, then their concatenation).

@@ -348,7 +348,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str, double_quant: bool) -> tuple
 
     The CPU quantizer holds several temporaries of the whole tensor (int64 bucket indices
     among them: ~7x its bf16 size, 0.6 GB for a 7B MLP weight), which set the loading peak.
-    Blocks are independent, so we quantize 512 rows at a time and concatenate; the second
+    Blocks are independent, so we quantize TILE_ROWS rows at a time and concatenate; the second
     level (scales of the scales) is computed once over all blocks, as bitsandbytes does.
     """
     n, k = w.shape
