@@ -14,6 +14,8 @@ import os
 import torch
 from torch import nn
 
+from . import quant
+
 # Per-layer release only trims once resident memory has grown this much past its level
 # after the previous trim. Each trim costs faulting the released pages back in (~40 ms per
 # layer at 1.3B: trimming before every layer slowed its step by 19%, benchmarks/levers.py),
@@ -86,7 +88,8 @@ def release_memory_per_layer(layers: list[nn.Module]) -> list:
 
 
 def _before_forward(module, args) -> None:
-    if torch.is_grad_enabled():
+    # not again in the recompute: `_on_grad` checked just before it
+    if torch.is_grad_enabled() and not quant.recomputing():
         release_if_grown()
 
 

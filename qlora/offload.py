@@ -141,7 +141,8 @@ class DiskHome:
         atexit.register(self.close)
 
     def write(self, layer: int, offset: int, t: torch.Tensor) -> None:
-        data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        # on a GPU the codes were quantized there: one copy to host memory on the way to disk
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
         os.pwrite(self.fd, memoryview(data), self.end)
         self._add(layer, self.fd, self.end, offset, data.nbytes)
         self.end += -(-data.nbytes // ALIGN) * ALIGN
@@ -434,7 +435,11 @@ def attach_hooks(streamer: LayerStreamer) -> list:
 
 def _pre_hook(streamer: LayerStreamer, i: int):
     def hook(module, args):
-        streamer.use(i, +1)
+        # In a recompute, `recompute_context` attached the layer and prefetches i-1; a +1
+        # here would fetch i+1 again, in place of that prefetch.
+        from .quant import recomputing
+        if not recomputing():
+            streamer.use(i, +1)
     return hook
 
 

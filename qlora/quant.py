@@ -276,6 +276,13 @@ def _attach_if_streamed(weight: Params4bit, step: int) -> None:
 _PHASE: list[str | None] = [None]
 
 
+def recomputing() -> bool:
+    """True inside a checkpointed layer's recompute in backward. Module hooks check it: with
+    transformers 5.17 a layer's hooks ran again in the recompute (seen on the GPU machine's
+    image); 5.23 checkpoints `forward` and keeps them outside."""
+    return _PHASE[0] == "recompute"
+
+
 @contextlib.contextmanager
 def checkpoint_phase(linears: list[QuantLinear], phase: str):
     """While active, a layer's 4-bit `linears` know which pass of gradient checkpointing

@@ -73,6 +73,25 @@ def test_offloaded_backward_without_checkpointing_attaches_on_demand(stories, tm
     assert model.qlora_streamer.stats.fetches >= 2 * 5 - 1
 
 
+def test_the_pre_hook_leaves_a_recompute_to_recompute_context(stories, tmp_path):
+    """transformers 5.17 ran module hooks inside the checkpoint's recompute too (5.23 does not); there
+    the pre-hook's +1 would fetch layer i+1 again in place of the prefetch of i-1."""
+    model = load_model(stories, device="cpu", offload="cpu", resident_layers=0)
+    streamer = model.qlora_streamer
+    seen = []
+    streamer.use = lambda i, step: seen.append((i, step))
+    layer = streamer.layers[2]
+    hooks = list(layer._forward_pre_hooks.values())
+    assert hooks  # load_model attached them
+    with quant.checkpoint_phase([], "recompute"):
+        for h in hooks:
+            h(layer, ())
+    assert seen == []
+    for h in hooks:
+        h(layer, ())
+    assert (2, +1) in seen
+
+
 def test_generation_with_offload_equals_resident(stories, tmp_path):
     tok = load_tokenizer(stories)
     want = generate(load_model(stories, device="cpu"), tok, "Once upon a time", max_new_tokens=12)
