@@ -22,6 +22,31 @@ def pytest_addoption(parser):
                      help="also run tests marked slow (minutes each; CI skips them)")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cpu_unless_a_cuda_test(request):
+    """The suite holds CPU numbers against CPU references (what CI runs); on a machine with a
+    GPU, only modules marked `cuda` (tests/test_cuda.py) see it. The others, their
+    module-scoped fixtures and the processes they start see none (module scope, so that it
+    is in place before any fixture of the module runs), and accelerate's process state is
+    rebuilt around each module."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.MonkeyPatch.context() as mp:
+        if request.node.get_closest_marker("cuda") is None:
+            mp.setattr(torch.cuda, "is_available", lambda: False)
+            mp.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def python_path() -> str:
+    """PYTHONPATH for a child process: the repo first, then whatever this one was given."""
+    return os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--slow"):
         return

@@ -13,7 +13,7 @@ import yaml
 
 from qlora.cli import build_parser, main
 
-from conftest import asset
+from conftest import asset, python_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_finished_run_is_not_overwritten_and_eval_generate_work(tmp_path, good_r
 def test_user_error_has_no_traceback_in_a_real_process(tmp_path, good_recipe):
     good_recipe["lora"]["alhpa"] = 3
     proc = subprocess.run([sys.executable, "-m", "qlora", "train", str(_write(tmp_path, good_recipe))],
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=python_path()),
                           timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

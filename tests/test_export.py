@@ -34,7 +34,7 @@ from qlora.lora import add_lora, lora_layers, merged_weight
 from qlora.model import load_model, load_tokenizer
 from qlora.safetensors_io import checkpoint_files, iter_tensors
 
-from conftest import asset, write_tiny_model
+from conftest import asset, write_tiny_model, python_path
 
 PROMPTS = ["Once upon a time", "The little dog", "Lily wanted"]
 
@@ -425,7 +425,7 @@ def test_a_killed_export_leaves_nothing_in_the_way(stories_adapter, exported, tm
     shutil.copytree(exported[0], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     proc = subprocess.run([sys.executable, "-c", KILLED_DURING_VERIFICATION, str(adapter), str(out)],
-                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+                          env=dict(os.environ, PYTHONPATH=python_path()),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     leftovers = [p for p in tmp_path.iterdir() if p.name != "out"]
