@@ -95,7 +95,7 @@ def _imports():
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported")
 
 
-def setup_ours(path, rank, keep_gb=0.0, tokens=0):
+def setup_ours(path, rank, keep_gb=0.0, tokens=0, device="cpu"):
     import torch
     from qlora.config import LoraConfig
     from qlora.lora import add_lora
@@ -106,14 +106,15 @@ def setup_ours(path, rank, keep_gb=0.0, tokens=0):
 
     t0 = time.perf_counter()
     model = load_model(path, quantization="nf4", double_quant=True, compute_dtype="bfloat16",
-                       device="cpu")
+                       device=device)
     load_s = time.perf_counter() - t0
     load_peak = hwm_gb()
     add_lora(model, LoraConfig(r=rank, alpha=2 * rank, dropout=DROPOUT, targets="all-linear",
                                dtype="bfloat16"))
     # the same rule as `train.keep_matmuls_gb` in a recipe
     enable_gradient_checkpointing(model, keep_matmul_layers=matmul_layers_within(model, keep_gb, tokens))
-    release_memory_per_layer(decoder_layers(model))  # as qlora.train.setup does on CPU
+    if device == "cpu":
+        release_memory_per_layer(decoder_layers(model))  # as qlora.train.setup does on CPU
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, "paged_adamw_8bit", LR, 0.0)
@@ -121,7 +122,8 @@ def setup_ours(path, rank, keep_gb=0.0, tokens=0):
     from qlora.loss import lm_loss_sum
     from qlora.memory import release_if_grown
 
-    def step(x):  # what qlora.train.train_step does on CPU, minus data and bookkeeping
+    def step(x):  # what qlora.train.train_step does, minus data and bookkeeping
+        x = x.to(device)
         s, n = lm_loss_sum(model, {"input_ids": x, "labels": x})
         loss = s / n
         release_if_grown()
@@ -134,7 +136,7 @@ def setup_ours(path, rank, keep_gb=0.0, tokens=0):
     return model, params, step, load_s, load_peak
 
 
-def setup_reference(path, rank):
+def setup_reference(path, rank, device="cpu"):
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -146,7 +148,7 @@ def setup_reference(path, rank):
         quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16),
-        dtype=torch.bfloat16)
+        dtype=torch.bfloat16, **({} if device == "cpu" else {"device_map": {"": device}}))
     load_s = time.perf_counter() - t0
     load_peak = hwm_gb()
     model.config.use_cache = False
@@ -163,6 +165,7 @@ def setup_reference(path, rank):
     opt = bnb.optim.PagedAdamW8bit(params, lr=LR)
 
     def step(x):
+        x = x.to(device)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
