@@ -122,15 +122,19 @@ def setup_ours(path, rank, keep_gb=0.0, tokens=0, device="cpu"):
     from qlora.loss import lm_loss_sum
     from qlora.memory import release_if_grown
 
+    on_cpu = device == "cpu"
+
     def step(x):  # what qlora.train.train_step does, minus data and bookkeeping
         x = x.to(device)
         s, n = lm_loss_sum(model, {"input_ids": x, "labels": x})
         loss = s / n
-        release_if_grown()
+        if on_cpu:
+            release_if_grown()
         loss.backward()
         opt.step()
         opt.zero_grad()
-        release_if_grown()
+        if on_cpu:
+            release_if_grown()
         return loss.item()
 
     return model, params, step, load_s, load_peak
@@ -258,8 +262,9 @@ def matmul_worker(args) -> dict:
 
 # ---------------------------------------------------------------- parent
 
-def run_child(argv: list[str]) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
+def run_child(argv: list[str], script: Path = Path(__file__).resolve()) -> dict:
+    """Run `script` (this one by default) with `argv`; its RESULT line, parsed."""
+    cmd = [sys.executable, str(script), *argv]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT)]
     if proc.returncode != 0 or not lines:

@@ -15,7 +15,8 @@ Figures per run:
                allocator's cache is emptied and the peak reset first), plus paged optimizer
                state in managed memory, which the allocator does not see
   MFU          6 * params * tok/s over the bf16 peak measured at the start of the run (the
-               best of an 8192^3 torch.matmul loop); activations' recompute is not counted
+               best of an 8192^3 torch.matmul loop): bench.py's roofline convention; with a
+               frozen base, forward + recompute + input gradient (2 * params each)
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-RESULT = "@@RESULT@@ "
+import bench  # noqa: E402  (setups, the child-process protocol)
 
 
 def bf16_peak(seconds: float = 3.0) -> float:
@@ -53,7 +53,6 @@ def bf16_peak(seconds: float = 3.0) -> float:
 
 
 def worker(args) -> dict:
-    import bench
     bench._imports()
     import torch
     import _shapes
@@ -90,19 +89,10 @@ def worker(args) -> dict:
     return out
 
 
-def run_child(argv: list[str]) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
-    if proc.returncode != 0 or not lines:
-        return {"failed": " ".join(cmd), "rc": proc.returncode}
-    return json.loads(lines[-1][len(RESULT):])
-
-
 def table(results: list[dict], peak: float) -> str:
     rows = ["| shape | r | seq | stack | load s | tok/s | peak GiB | MFU | ours/ref tok/s | ours/ref peak |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    by = {(r["shape"], r["rank"], r["stack"]): r for r in results if "failed" not in r}
+    by = {(r["shape"], r["rank"], r["stack"]): r for r in results}
     for (shape, rank, stack), r in by.items():
         for seq, s in r["seqs"].items():
             ref = by.get((shape, rank, "reference"), {}).get("seqs", {}).get(seq)
@@ -128,7 +118,7 @@ def main():
     args = ap.parse_args()
     args.seqs = [int(s) for s in str(args.seqs).split(",")]
     if args.worker:
-        print(RESULT + json.dumps(worker(args)), flush=True)
+        print(bench.RESULT + json.dumps(worker(args)), flush=True)
         return
     import torch
     import _shapes
@@ -140,11 +130,10 @@ def main():
         _shapes.model_path(shape)  # written once, outside the timed children
         for rank in [int(r) for r in args.ranks.split(",")]:
             for stack in args.stacks.split(","):
-                results.append(run_child(["--worker", stack, "--shape", shape, "--rank", str(rank),
-                                          "--seqs", ",".join(map(str, args.seqs)), "--steps", str(args.steps),
-                                          "--warmup", str(args.warmup)]))
-                print(table(results, peak), flush=True) if "failed" not in results[-1] else \
-                    print("FAILED:", results[-1]["failed"], flush=True)
+                results.append(bench.run_child(
+                    ["--worker", stack, "--shape", shape, "--rank", str(rank), "--seqs",
+                     ",".join(map(str, args.seqs)), "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                    script=Path(__file__).resolve()))
     print(f"\n{device}, bf16 peak {peak / 1e12:.0f} TFLOP/s, torch {torch.__version__}\n")
     print(table(results, peak))
     if args.json:

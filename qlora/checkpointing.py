@@ -81,8 +81,9 @@ def _checkpoint_layer(linears: list[quant.QuantLinear], contexts, forward, *args
 def _layer_contexts(linears, i, streamer):
     """(context of the original forward, context of the recompute) for torch's checkpoint.
 
-    The recompute does not pass through module hooks (transformers checkpoints `forward`,
-    not `__call__`), so this is where a streamed layer learns that it is needed again."""
+    The recompute may not pass through module hooks (transformers 5.23 checkpoints
+    `forward`, not `__call__`; see `quant.recomputing`), so this is where a streamed layer
+    learns that it is needed again."""
     return _phase(linears, i, None, "forward"), _phase(linears, i, streamer, "recompute")
 
 

@@ -94,8 +94,8 @@ def _before_forward(module, args) -> None:
 
 
 def _before_backward(module, args, output) -> None:
-    # The output's gradient arrives just before this layer's backward runs; transformers
-    # keeps module hooks outside the checkpoint, so the pre-hook does not see the recompute.
+    # The output's gradient arrives just before this layer's backward (and its recompute)
+    # runs: the check for the recompute happens here (see `quant.recomputing`).
     out = output[0] if isinstance(output, tuple) else output
     if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
         out.register_hook(_on_grad)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import quant
 from .errors import QloraError
 
 ALIGN = 64
@@ -427,8 +428,8 @@ def make_streamer(layers: nn.ModuleList, *, home: str, folder: Path | None, resi
 
 
 def attach_hooks(streamer: LayerStreamer) -> list:
-    """Before each decoder layer's forward: attach it and prefetch the next one. (The
-    checkpoint recompute does not pass through module hooks; `recompute_context` covers it.)"""
+    """Before each decoder layer's forward: attach it and prefetch the next one. (In the
+    checkpoint's recompute `recompute_context` does it; see `quant.recomputing`.)"""
     return [layer.register_forward_pre_hook(_pre_hook(streamer, i))
             for i, layer in enumerate(streamer.layers)]
 
@@ -437,8 +438,7 @@ def _pre_hook(streamer: LayerStreamer, i: int):
     def hook(module, args):
         # In a recompute, `recompute_context` attached the layer and prefetches i-1; a +1
         # here would fetch i+1 again, in place of that prefetch.
-        from .quant import recomputing
-        if not recomputing():
+        if not quant.recomputing():
             streamer.use(i, +1)
     return hook
 

@@ -22,24 +22,48 @@ def pytest_addoption(parser):
                      help="also run tests marked slow (minutes each; CI skips them)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_unless_a_cuda_test(request):
-    """The suite holds CPU numbers against CPU references (what CI runs); on a machine with a
-    GPU, only modules marked `cuda` (tests/test_cuda.py) see it. The others, their
-    module-scoped fixtures and the processes they start see none (module scope, so that it
-    is in place before any fixture of the module runs), and accelerate's process state is
-    rebuilt around each module."""
-    if not torch.cuda.is_available():
+# Asked once, before anything hides the GPU: it also sets up CUDA's device list in this
+# process, which CUDA_VISIBLE_DEVICES (set below for child processes) no longer changes.
+HAS_CUDA = torch.cuda.is_available()
+VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_only():
+    """The suite holds CPU numbers against CPU references (what CI runs), so on a machine with
+    a GPU every test, fixture and child process sees none; tests/test_cuda.py shows it to its
+    own tests again (`gpu_visible`). Session scope: set up before any other fixture."""
+    if not HAS_CUDA:
         yield
         return
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.MonkeyPatch.context() as mp:
-        if request.node.get_closest_marker("cuda") is None:
-            mp.setattr(torch.cuda, "is_available", lambda: False)
-            mp.setenv("CUDA_VISIBLE_DEVICES", "")
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        mp.setenv("CUDA_VISIBLE_DEVICES", "")
         yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps its device in process-wide state: rebuilt around each module, so a
+    module on the GPU and one on the CPU do not inherit each other's."""
+    if HAS_CUDA:
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    if HAS_CUDA:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def gpu_visible():
+    """Undo `cpu_only` for one module (tests/test_cuda.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: HAS_CUDA)
+        if VISIBLE is None:
+            mp.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            mp.setenv("CUDA_VISIBLE_DEVICES", VISIBLE)
+        yield
 
 
 def python_path() -> str:

@@ -22,7 +22,11 @@ from qlora.config import LoraConfig
 from qlora.lora import LoRALinear, add_lora, lora_layers
 from qlora.model import load_model
 
-pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"), pytest.mark.cuda]
+from conftest import HAS_CUDA
+from test_train import alpaca_slice  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA"), pytest.mark.cuda,
+              pytest.mark.usefixtures("gpu_visible")]
 CUDA = torch.device("cuda")
 
 
@@ -80,7 +84,7 @@ def test_checkpointed_cuda_step_trains_every_b_freezes_the_base_and_replays_drop
     """One checkpointed step with dropout on the GPU: every B moves, nothing frozen changes
     (codes, scales, embeddings, norms), and the recompute replays the forward's Bernoulli
     masks: the gradients are those of the same step without checkpointing."""
-    def grads(checkpointing: bool):
+    def step(checkpointing: bool):
         model = load_model(stories, device="cuda")
         torch.manual_seed(0)
         add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
@@ -89,34 +93,33 @@ def test_checkpointed_cuda_step_trains_every_b_freezes_the_base_and_replays_drop
         if checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
+        frozen = {n: p.data.clone() for n, p in model.named_parameters() if not p.requires_grad}
+        frozen.update({n + ".absmax": m.weight.quant_state.absmax.clone() for n, m in model.named_modules()
+                       if isinstance(m, quant.Linear4bit)})
         ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0)).to(CUDA)
         torch.manual_seed(1)
         loss = model(ids, labels=ids).loss
         loss.backward()
-        return model, loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
+        return model, frozen, loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    plain_loss, plain = grads(False)[1:]
-    model, loss, got = grads(True)
+    plain_loss, plain = step(False)[2:]
+    model, frozen, loss, got = step(True)
     assert loss == plain_loss  # forward: same kernels, same masks
     assert got.keys() == plain.keys()
     worst = max(rel_rms(got[k], plain[k]) for k in got)
     bitwise = all(torch.equal(got[k], plain[k]) for k in got)
     assert worst < 1e-2, (worst, bitwise)
     print(f"checkpointed vs plain LoRA gradients on CUDA: worst rel rms {worst:.2e}, bitwise {bitwise}")
-
-    frozen = {n: p.data.clone() for n, p in model.named_parameters() if not p.requires_grad}
-    scales = {n: m.weight.quant_state.absmax.clone() for n, m in model.named_modules()
-              if isinstance(m, quant.Linear4bit)}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    opt.step()
     for name, layer in lora_layers(model).items():
         assert torch.count_nonzero(layer.lora_B.weight.grad) > 0, name
-    for n, p in model.named_parameters():
-        if n in frozen:
-            assert p.grad is None and torch.equal(p.data, frozen[n]), n
-    for n, m in model.named_modules():
-        if n in scales:
-            assert torch.equal(m.weight.quant_state.absmax, scales[n]), n
+    now = {n: p.data for n, p in model.named_parameters() if not p.requires_grad}
+    now.update({n + ".absmax": m.weight.quant_state.absmax for n, m in model.named_modules()
+                if isinstance(m, quant.Linear4bit)})
+    assert now.keys() == frozen.keys()
+    for n in frozen:  # forward, recompute, backward and the optimizer step left them alone
+        assert torch.equal(now[n], frozen[n]), n
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
 def test_peft_agrees_on_cuda(stories, tmp_path):
@@ -167,22 +170,16 @@ def test_offloaded_base_on_cuda_equals_resident(stories, tmp_path, home):
     assert model.qlora_streamer.stats.fetches >= 5
 
 
-def test_trained_on_cuda_exports_and_transformers_agrees(stories, tmp_path):
+def test_trained_on_cuda_exports_and_transformers_agrees(stories, alpaca_slice, tmp_path):
     """A short CUDA run, exported on the GPU: transformers' logits of the merged folder are
     those of base + adapter in our model (the merge's own verification passed too)."""
     from transformers import AutoModelForCausalLM
     from qlora.adapter import load_adapter
     from qlora.export import export
     from qlora.train import train
-    from test_train import alpaca_slice as _  # noqa: F401
     from test_train import make_recipe
-    import json
-    from conftest import asset
 
-    rows = json.loads(asset("data/alpaca_5000.json").read_text())[:240]
-    data = tmp_path / "alpaca.json"
-    data.write_text(json.dumps(rows))
-    train(make_recipe(stories, data, tmp_path / "run", max_steps=6))
+    train(make_recipe(stories, alpaca_slice, tmp_path / "run", max_steps=6))
     report = export(tmp_path / "run", tmp_path / "merged", dtype="bf16")
     assert report["device"].startswith("cuda")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).to(CUDA).eval()

@@ -27,7 +27,6 @@ from qlora.train import fit, setup, train
 
 from conftest import asset, python_path
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
