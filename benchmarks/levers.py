@@ -28,6 +28,8 @@ configuration. Each configuration switches one lever back to what qlora did befo
   the loss's forward      in backward by autograd (recomputing the head's GEMM)
   mask threads         -> a dropout mask drawn from one numpy stream and compared by torch,
                           not from streams of lora.MASK_STREAM_WORDS in threads
+  mask multiply        -> a bool mask applied with torch.where, not a mask in the input's
+                          dtype that multiplies it (forward, recompute and backward)
 
 "peak GB" is VmHWM after the configuration's steps, reset to the current RSS before them, so
 it is comparable between rows of one run only. Random-weight shapes come from _shapes.py.
@@ -104,6 +106,11 @@ def main() -> None:
             r = torch.from_numpy(np.random.PCG64DXSM(seed).random_raw((n + 3) // 4)).view(torch.int16)[:n]
             return torch.where(r.view(x.shape) >= round(p * 65536) - 32768, x, 0)
 
+    def where_drop(x, p):  # lora.drop_unscaled before its mask came in x's dtype
+        with torch.profiler.record_function("qlora::dropout"):
+            seed = int(torch.randint(0, 2**62, ()).item())
+            return torch.where(lora.keep_mask(seed, x.numel(), p).view(x.shape), x, 0)
+
     def unfused_forward(self, x):  # LoRALinear.forward before the B GEMM moved into the tiles
         return lora.lora_up(self.base_layer(x), self.down(x), self.lora_B.weight)
 
@@ -130,7 +137,8 @@ def main() -> None:
         quant._cpu_forward = before["cpu_forward"] if "tiled" in off else current["cpu_forward"]
         quant._cpu_input_grad = before["cpu_input_grad"] if "tiled" in off else current["cpu_input_grad"]
         lora.drop_unscaled = (before["drop"] if "mask" in off else torch_bits_drop if "rng" in off
-                              else one_stream_drop if "maskthreads" in off else current["drop"])
+                              else one_stream_drop if "maskthreads" in off
+                              else where_drop if "where" in off else current["drop"])
         memory.release_freed_memory = before["release"] if "release" in off else current["release"]
         lora.LoRALinear.forward = before["forward"] if "fused" in off else current["forward"]
         if "shared" in off:
@@ -165,11 +173,13 @@ def main() -> None:
         "release": ("  without release of freed memory", {"release", "layer-release"}, False),
         "layer-release": ("  without release per layer", {"layer-release"}, False),
         "none": ("none of the levers", {"tiled", "mask", "shared", "fused", "unread", "release",
-                                         "layer-release", "tiles2048", "head", "maskthreads"}, False),
+                                         "layer-release", "tiles2048", "head", "maskthreads", "where"},
+                 False),
         "keep": ("default + keep matmul outputs (all layers)", set(), True),
         "tiles2048": ("  without 2048-row tiles on AMX", {"tiles2048"}, False),
         "head": ("  without the head's gradient taken in the loss's forward", {"head"}, False),
         "maskthreads": ("  without dropout masks drawn in threads", {"maskthreads"}, False),
+        "where": ("  without the mask multiply (torch.where)", {"where"}, False),
     }
     keys = list(all_configs) if args.configs == "all" else args.configs.split(",")
     for k in keys:

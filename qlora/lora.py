@@ -196,24 +196,39 @@ def drop_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:
     seed and the same mask, and `torch.manual_seed` still fixes every mask.
     On CUDA (and any other accelerator) the Bernoulli kernel is already cheap, and the mask
     stays on the device, so it is used there.
+
+    The mask comes in x's dtype (ones and zeros) and multiplies x, as F.dropout's does: on CPU
+    `torch.where` with a bool mask runs 4-6x slower than a 16-bit multiply, and the product
+    and its backward run in every forward, recompute and backward (`where` row of
+    benchmarks/levers.py). A dropped inf or NaN gives NaN, as with F.dropout.
     """
     with torch.profiler.record_function("qlora::dropout"):  # benchmarks/_breakdown.py's label
         if x.device.type != "cpu":
             return x * torch.empty_like(x).bernoulli_(1 - p)
         seed = int(torch.randint(0, 2**62, ()).item())
-        return torch.where(keep_mask(seed, x.numel(), p).view(x.shape), x, 0)
+        return x * keep_mask(seed, x.numel(), p, x.dtype).view(x.shape)
 
 
-def keep_mask(seed: int, n: int, p: float) -> torch.Tensor:
-    """(n,) bools, each True with probability 1 - p, drawn from `seed`.
+# integer types (numpy, torch) that hold a float dtype's bit patterns, by item size
+_BITS = {2: (np.int16, torch.int16), 4: (np.int32, torch.int32), 8: (np.int64, torch.int64)}
+
+
+def keep_mask(seed: int, n: int, p: float, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """(n,) of `dtype`, each element 1 (True) with probability 1 - p, else 0, drawn from `seed`.
 
     The words come in streams of MASK_STREAM_WORDS, each from its own child of the seed
     (numpy's SeedSequence.spawn: independent streams), drawn and compared in threads: numpy
     releases the GIL for both, so a mask no longer waits on one core (`maskthreads` row of
-    benchmarks/levers.py).
+    benchmarks/levers.py). A float mask is written as integers: the comparison's 0/1 times
+    the bit pattern of 1.0 in `dtype`.
     """
     words = (n + 3) // 4  # uint64 words, four int16 lanes each
-    keep = np.empty(4 * words, dtype=np.bool_)
+    if dtype == torch.bool:
+        keep, one = np.empty(4 * words, dtype=np.bool_), 1
+    else:
+        np_bits, torch_bits = _BITS[dtype.itemsize]
+        keep = np.empty(4 * words, dtype=np_bits)
+        one = int(torch.ones((), dtype=dtype).view(torch_bits).item())  # 0x3F80 for bf16
     threshold = round(p * 65536) - 32768  # lanes are uniform on [-32768, 32767]: P(keep) = 1 - p
     starts = range(0, words, MASK_STREAM_WORDS)
     streams = np.random.SeedSequence(seed).spawn(len(starts))
@@ -224,7 +239,10 @@ def keep_mask(seed: int, n: int, p: float) -> torch.Tensor:
         for i in todo:
             a = starts[i]
             w = np.random.PCG64DXSM(streams[i]).random_raw(min(MASK_STREAM_WORDS, words - a))
-            np.greater_equal(w.view(np.int16), threshold, out=keep[4 * a: 4 * (a + w.size)])
+            out = keep[4 * a: 4 * (a + w.size)]
+            np.greater_equal(w.view(np.int16), threshold, out=out, casting="unsafe")
+            if one != 1:
+                np.multiply(out, one, out=out)
 
     helpers = min(len(starts), torch.get_num_threads()) - 1
     running = [_helpers_pool().submit(fill) for _ in range(helpers)] if helpers > 0 else []
@@ -232,7 +250,7 @@ def keep_mask(seed: int, n: int, p: float) -> torch.Tensor:
     for r in running:  # a helper that never started has nothing left to do: cancel it
         if not r.cancel():
             r.result()  # wait for the stream it is drawing (and raise its error)
-    return torch.from_numpy(keep[:n])
+    return torch.from_numpy(keep[:n]).view(dtype)
 
 
 def add_lora(model: nn.Module, s: LoraConfig) -> list[str]:

@@ -213,8 +213,8 @@ def layer_terms(shape: ModelShape, w: Workload, device: str) -> dict[str, int]:
     a, la, m, r = w.compute_itemsize, w.lora_itemsize, w.tokens, w.r
     c, f, lin = shape.hidden, shape.intermediate, shape.linears()
     q, kv = lin["q_proj"][0], lin["k_proj"][0]
-    # The adapters' saved inputs: with dropout the mask (bool on CPU, a Bernoulli draw in the
-    # LoRA dtype on CUDA: qlora.lora.drop_unscaled) and the dropped copy; without, the input
+    # The adapters' saved inputs: with dropout the mask (in the LoRA dtype:
+    # qlora.lora.drop_unscaled) and the dropped copy; without, the input
     # itself, shared by adapters reading the same tensor. Each adapter saves its own, except
     # that with lora.fuse_shared_inputs a q/k/v or gate/up group saves one (lora.SharedInput).
     groups = {("q_proj", "k_proj", "v_proj"): c, ("o_proj",): q, ("gate_proj", "up_proj"): c,
@@ -224,7 +224,7 @@ def layer_terms(shape: ModelShape, w: Workload, device: str) -> dict[str, int]:
         mine = [n for n in names if n in w.targets]
         copies = 1 if (w.shared_inputs and len(mine) > 1) else len(mine)
         if w.dropout and mine:
-            per = m * width * ((1 if device == "cpu" else la) + la)
+            per = m * width * 2 * la
             adapter_saved.update({n: per if i < copies else 0 for i, n in enumerate(mine)})
         elif mine:  # one shared tensor when it already has the LoRA dtype, else a cast per copy
             adapter_saved[mine[0]] = m * width * (a if la == a else la * copies)

@@ -224,6 +224,9 @@ def test_lora_dropout_is_inverted_dropout_on_the_adapter_input():
             torch.set_num_threads(t)
             assert torch.equal(keep_mask(7, n, 0.3), expected), t
         assert keep_mask(7, n, 0.0).all()
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):  # what multiplies the input
+            got = keep_mask(7, n, 0.3, dtype)
+            assert got.dtype == dtype and torch.equal(got, expected.to(dtype)), dtype
     finally:
         torch.set_num_threads(threads)
     assert not torch.equal(expected[:lanes], expected[lanes:2 * lanes])
