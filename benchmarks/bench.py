@@ -104,6 +104,7 @@ def setup_ours(path, rank, keep_gb=0.0, tokens=0, device="cpu"):
     from qlora.model import decoder_layers, load_model
     from qlora.optim import build_optimizer
 
+    on_cpu = device == "cpu"
     t0 = time.perf_counter()
     model = load_model(path, quantization="nf4", double_quant=True, compute_dtype="bfloat16",
                        device=device)
@@ -113,7 +114,7 @@ def setup_ours(path, rank, keep_gb=0.0, tokens=0, device="cpu"):
                                dtype="bfloat16"))
     # the same rule as `train.keep_matmuls_gb` in a recipe
     enable_gradient_checkpointing(model, keep_matmul_layers=matmul_layers_within(model, keep_gb, tokens))
-    if device == "cpu":
+    if on_cpu:
         release_memory_per_layer(decoder_layers(model))  # as qlora.train.setup does on CPU
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -121,8 +122,6 @@ def setup_ours(path, rank, keep_gb=0.0, tokens=0, device="cpu"):
 
     from qlora.loss import lm_loss_sum
     from qlora.memory import release_if_grown
-
-    on_cpu = device == "cpu"
 
     def step(x):  # what qlora.train.train_step does, minus data and bookkeeping
         x = x.to(device)

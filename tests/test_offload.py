@@ -73,7 +73,7 @@ def test_offloaded_backward_without_checkpointing_attaches_on_demand(stories, tm
     assert model.qlora_streamer.stats.fetches >= 2 * 5 - 1
 
 
-def test_the_pre_hook_leaves_a_recompute_to_recompute_context(stories, tmp_path):
+def test_the_pre_hook_leaves_a_recompute_to_recompute_context(stories):
     """transformers 5.17 ran module hooks inside the checkpoint's recompute too (5.23 does not); there
     the pre-hook's +1 would fetch layer i+1 again in place of the prefetch of i-1."""
     model = load_model(stories, device="cpu", offload="cpu", resident_layers=0)

@@ -28,7 +28,6 @@ from qlora.train import fit, setup, train
 from conftest import asset, python_path
 
 
-
 @pytest.fixture
 def alpaca_slice(tmp_path) -> Path:
     rows = json.loads(asset("data/alpaca_5000.json").read_text())[:240]
