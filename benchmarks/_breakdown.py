@@ -2,17 +2,19 @@
 
     parts = profile_step(step, x, peak_flops)   # {"gemm_s": ..., "gemm_floor_s": ..., ...}
 
-Every operator the profiler records is charged to one category by its own name, else by the
-nearest enclosing range that names one (so the ops inside a 4-bit matmul's autograd function
-are dequantization unless they are the GEMM itself, and everything an optimizer's `step`
-calls is optimizer). Self times are summed, so nothing counts twice:
+Everything an optimizer's `step` calls is optimizer (bitsandbytes' 8-bit state is
+(de)quantized there by ops named like the 4-bit weight's). Every other operator the profiler
+records is charged to one category by its own name, else by the nearest enclosing range that
+names one (so the ops inside a 4-bit matmul's autograd function are dequantization unless
+they are the GEMM itself). Self times are summed, so nothing counts twice:
 
     gemm            aten::mm / addmm / addmm_ / bmm / baddbmm; their FLOPs from the recorded shapes
                     give the GEMM floor: FLOPs / the bf16 matmul peak measured in the same run
     dequantization  inside qlora's _Matmul4bit or bitsandbytes' MatMul4Bit, and bitsandbytes ops
+                    outside the optimizer
     dropout         qlora's `qlora::dropout` range; aten::dropout / native_dropout / bernoulli_
     attention       scaled-dot-product attention kernels
-    optimizer       `Optimizer.step` ranges
+    optimizer       `Optimizer.step` ranges and everything in them
     other           the rest: elementwise tails, norms, copies, the loss, autograd bookkeeping
 
 The profiled step is slower than an unprofiled one (shape recording): read the shares, and
@@ -62,8 +64,12 @@ def breakdown(events) -> dict:
     flops = 0.0
     for e in events:
         node, cat = e, None
-        while node is not None and cat is None:
-            cat = _category(node.name)
+        while node is not None:  # the nearest category, unless an optimizer step encloses it
+            found = _category(node.name)
+            if found == "optimizer":
+                cat = found
+                break
+            cat = cat or found
             node = node.cpu_parent
         seconds[cat or "other"] += e.self_cpu_time_total / 1e6
         if e.name in _GEMM:
