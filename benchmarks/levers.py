@@ -30,6 +30,8 @@ configuration. Each configuration switches one lever back to what qlora did befo
                           not from streams of lora.MASK_STREAM_WORDS in threads
   mask multiply        -> a bool mask applied with torch.where, not a mask in the input's
                           dtype that multiplies it (forward, recompute and backward)
+  chunked 8-bit Adam   -> bitsandbytes' own optimizer step, one tensor at a time
+                          (qlora.cpu_adam steps them in chunks; the same state either way)
 
 "peak GB" is VmHWM after the configuration's steps, reset to the current RSS before them, so
 it is comparable between rows of one run only. Random-weight shapes come from _shapes.py.
@@ -62,7 +64,8 @@ def main() -> None:
                     help="lora.dtype of the adapters")
     ap.add_argument("--configs", default="all",
                     help="comma list of rows to run: default, tiled, mask, rng, shared, fused, unread, release, "
-                         "layer-release, none, keep, tiles2048 (the 'without ...' rows are named by their lever)")
+                         "layer-release, none, keep, tiles2048, head, maskthreads, where, adam "
+                         "(the 'without ...' rows are named by their lever)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -129,6 +132,7 @@ def main() -> None:
         "unread": never_unread,
         "head": lambda head, h: False}  # before: checkpointed chunks, the head's gradient in backward
     hooks: list = []
+    optimizer_step = [opt.step]
 
     amx_tiles = quant.AMX_TILE_WEIGHTS
 
@@ -147,6 +151,8 @@ def main() -> None:
             lora.share_inputs(model)
         checkpointing.mark_unread_outputs = before["unread"] if "unread" in off else current["unread"]
         loss._fused = before["head"] if "head" in off else current["head"]
+        # bitsandbytes' Optimizer8bit.step, under the chunked step the class adds on CPU
+        optimizer_step[0] = (lambda: bnb.optim.PagedAdamW8bit.step(opt)) if "adam" in off else opt.step
         checkpointing.enable_gradient_checkpointing(model, keep_matmul_layers=len(layers) if keep else 0)
         for h in hooks:
             h.remove()
@@ -157,7 +163,7 @@ def main() -> None:
         s, n = lm_loss_sum(model, {"input_ids": x, "labels": x})
         memory.release_if_grown()
         (s / n).backward()
-        opt.step()
+        optimizer_step[0]()
         opt.zero_grad()
         memory.release_if_grown()
         return (s / n).item()
@@ -173,13 +179,14 @@ def main() -> None:
         "release": ("  without release of freed memory", {"release", "layer-release"}, False),
         "layer-release": ("  without release per layer", {"layer-release"}, False),
         "none": ("none of the levers", {"tiled", "mask", "shared", "fused", "unread", "release",
-                                         "layer-release", "tiles2048", "head", "maskthreads", "where"},
+                                         "layer-release", "tiles2048", "head", "maskthreads", "where", "adam"},
                  False),
         "keep": ("default + keep matmul outputs (all layers)", set(), True),
         "tiles2048": ("  without 2048-row tiles on AMX", {"tiles2048"}, False),
         "head": ("  without the head's gradient taken in the loss's forward", {"head"}, False),
         "maskthreads": ("  without dropout masks drawn in threads", {"maskthreads"}, False),
         "where": ("  without the mask multiply (torch.where)", {"where"}, False),
+        "adam": ("  without the chunked 8-bit Adam step", {"adam"}, False),
     }
     keys = list(all_configs) if args.configs == "all" else args.configs.split(",")
     for k in keys:

@@ -8,15 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
-from . import quant  # noqa: F401  (quiets bitsandbytes' import-time CPU warning)
+from . import cpu_adam, quant  # noqa: F401  (quant quiets bitsandbytes' import-time CPU warning)
 import bitsandbytes as bnb  # noqa: E402
 from bitsandbytes import functional as bnb_F  # noqa: E402
 
 OPTIMIZERS = {
-    # QLoRA's default: optimizer state pages to CPU RAM under GPU memory spikes.
+    # QLoRA's default: optimizer state pages to CPU RAM under GPU memory spikes. All are
+    # bitsandbytes' classes; on CPU the 8-bit ones step many tensors at once (cpu_adam.py).
     "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-    "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-    "adamw_8bit": bnb.optim.AdamW8bit,
+    "paged_adamw_8bit": cpu_adam.PagedAdamW8bit,
+    "adamw_8bit": cpu_adam.AdamW8bit,
     "adamw_torch": torch.optim.AdamW,
 }
 SCHEDULES = ("constant", "cosine", "linear")
@@ -26,8 +27,9 @@ PAGED_MIN_NUMEL = 1e5
 
 
 def build_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The optimizer by recipe name. Paged optimizers are bitsandbytes' real classes on every
-    device; on CPU bitsandbytes itself falls back to non-paged state (with a warning)."""
+    """The optimizer by recipe name. Paged optimizers are bitsandbytes' real classes (the 8-bit
+    ones with a chunked CPU step) on every device; on CPU bitsandbytes itself falls back to
+    non-paged state (with a warning)."""
     return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)
 
 
