@@ -10,6 +10,10 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Child processes (the CLI runs) use as many threads as this one: tests compare their numbers
+# bitwise with in-process runs, and GEMMs round differently with another thread count (seen
+# on a 16-core GPU machine, where the children took 16 threads).
+os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 # QLORA_ASSETS points elsewhere when the checkout does not sit next to shared/.
 ASSETS = Path(os.environ.get("QLORA_ASSETS")
