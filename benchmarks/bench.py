@@ -6,8 +6,9 @@
 For every shape, OURS and the REFERENCE each run in a fresh child process (this script with
 `--worker`), so that their RSS figures do not mix, on the same checkpoint, sequence length,
 batch, LoRA rank (alpha = 2r, dropout 0.05, all decoder linears), the same random token
-batches and the same optimizer (bitsandbytes PagedAdamW8bit, lr 1e-4). `--steps` counts the
-timed steps; `--warmup` untimed steps run before them.
+batches and the same optimizer (bitsandbytes PagedAdamW8bit, lr 1e-4: ours through
+qlora.optim, whose CPU step runs in chunks with bitwise the same result, qlora/cpu_adam.py).
+`--steps` counts the timed steps; `--warmup` untimed steps run before them.
 
 Figures per run:
   load s         the model-loading call alone (load_model / from_pretrained)
