@@ -39,7 +39,7 @@ class ChunkedCpuStep:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._plans: dict[tuple, _Plan] = {}
+        self._plans: dict[tuple, _Plan] = {}  # (group index, parameter ids) -> plan
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -69,11 +69,20 @@ class ChunkedCpuStep:
                 chunked[state["step"]].append(p)
             for step, params in chunked.items():
                 states = [self.state[p] for p in params]
-                key = _Plan.key(params, states)
-                if key not in self._plans:
-                    self._plans[key] = _Plan(params, states)
-                _step_chunks(self._plans[key], params, states, group, step)
+                _step_chunks(self._plan(gindex, params, states), params, states, group, step)
         return loss
+
+    def _plan(self, gindex: int, params: list[torch.Tensor], states: list[dict]) -> _Plan:
+        """The plan of these parameters, rebuilt when a tensor behind it was replaced (as
+        load_state_dict replaces the state): a stale plan's views would keep the old tensors
+        alive and step them instead."""
+        key, layout = (gindex, tuple(map(id, params))), _Plan.layout(params, states)
+        plan = self._plans.get(key)
+        if plan is None or plan.built_for != layout:
+            if len(self._plans) >= 8:  # parameter sets changed many times: keep none of the old
+                self._plans.clear()
+            plan = self._plans[key] = _Plan(params, states)
+        return plan
 
     def _chunkable(self, p: torch.Tensor, gindex: int, pindex: int) -> bool:
         """Whether `p` takes the chunked step: 8-bit state on whole blocks, default config."""
@@ -124,13 +133,14 @@ class _Plan:
     STATE_KEYS = ("state1", "state2", "absmax1", "absmax2")  # codes, then their block scales
 
     def __init__(self, params: list[torch.Tensor], states: list[dict]):
+        self.built_for = self.layout(params, states)  # rebuilt when this changes
         self.runs = list(_runs([p.numel() for p in params]))
         self.params = [_segment_views(params, run) for run in self.runs]
         self.states = {key: [_segment_views([s[key] for s in states], run, BLOCK if "absmax" in key else 1)
                              for run in self.runs] for key in self.STATE_KEYS}
 
     @staticmethod
-    def key(params: list[torch.Tensor], states: list[dict]) -> tuple:
+    def layout(params: list[torch.Tensor], states: list[dict]) -> tuple:
         """Changes whenever a parameter or a state tensor is replaced (load_state_dict does)."""
         return tuple(t.data_ptr() for p, s in zip(params, states)
                      for t in (p, *(s[k] for k in _Plan.STATE_KEYS)))

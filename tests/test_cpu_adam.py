@@ -1,5 +1,7 @@
 """The chunked CPU step of bitsandbytes' AdamW (qlora/cpu_adam.py) against bitsandbytes' own."""
 
+import copy
+
 import pytest
 import torch
 
@@ -66,7 +68,35 @@ def test_state_dict_loads_into_bitsandbytes_own_class():
     for p in ours:
         p.grad = torch.ones_like(p)
     opt.step()
-    ref_opt = bnb.optim.PagedAdamW8bit(ref, lr=1e-3)
+    ref_opt = bnb.optim.PagedAdamW8bit(ref, lr=1e-3, weight_decay=0.0)
     ref_opt.load_state_dict(opt.state_dict())
     for a, b in zip(ours, ref):
         assert torch.equal(opt.state[a]["state2"], ref_opt.state[b]["state2"])
+
+
+def test_a_loaded_state_is_the_one_stepped():
+    """load_state_dict replaces the state tensors: the next chunked step must update those
+    (views of the replaced ones would step dead tensors), as bitsandbytes' step does."""
+    ours, ref = _params(), _params()
+    opt = build_optimizer(ours, "paged_adamw_8bit", lr=1e-3, weight_decay=0.0)
+    ref_opt = bnb.optim.PagedAdamW8bit(ref, lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(2)
+
+    def step():
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn(a.shape, generator=g).to(torch.bfloat16)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref_opt.step()
+
+    step()
+    saved, ref_saved = copy.deepcopy(opt.state_dict()), copy.deepcopy(ref_opt.state_dict())
+    step()
+    opt.load_state_dict(saved)
+    ref_opt.load_state_dict(ref_saved)
+    step()
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+        assert all(torch.equal(opt.state[a][k], ref_opt.state[b][k])
+                   for k in ("state1", "state2", "absmax1", "absmax2") if k in opt.state[a])
+    assert len(opt._plans) == 1
