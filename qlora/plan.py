@@ -12,7 +12,7 @@ max_seq_len tokens, C hidden, F intermediate, V vocabulary, L layers, r LoRA ran
   optimizer_state    Adam's two moments: fp32 (32-bit), or 8-bit with an fp32 scale per 256
                      (bitsandbytes keeps tensors under 4096 elements in fp32); paged optimizers on
                      CUDA put tensors of >= 1e5 elements in unified memory (optimizer_state_paged)
-  optimizer_step     temporaries of the update (CPU: fp32 copies of the largest factor)
+  optimizer_step     temporaries of the update (CPU: fp32 copies of the largest factor or chunk)
   checkpoint_inputs  each decoder layer's input (M x C), kept by gradient checkpointing
   kept_matmuls       outputs of the 4-bit matmuls of the layers `train.keep_matmuls_gb` buys
   layer_activations  one layer's tensors saved for backward, rebuilt by the recompute (every

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import Recipe
+from .cpu_adam import CHUNK as ADAM_CHUNK
 from .errors import QloraError
 from .loss import CHUNK_TOKENS
 from .model_shapes import LAYER_LINEARS, ModelShape
@@ -309,11 +310,18 @@ def loss_bytes(shape: ModelShape, w: Workload) -> int:
 def optimizer_step_bytes(shape: ModelShape, w: Workload, device: str) -> int:
     """Temporaries of one optimizer step. torch's AdamW (foreach) holds one extra copy of all
     state-sized tensors; bitsandbytes on CPU works one tensor at a time in fp32 (gradient,
-    parameter, both moments dequantized, update: 5 copies); its CUDA kernels need none."""
+    parameter, both moments dequantized, update: 5 copies), and its 8-bit AdamW through
+    qlora.cpu_adam one chunk of at most ADAM_CHUNK elements at a time (the same 5 fp32 copies, plus
+    the chunk gathered: 2 + 2 bytes of gradient and parameter, 1 + 1 of codes); its CUDA
+    kernels need none."""
     factors = lora_tensors(shape, w)
     if w.optimizer == "adamw_torch":
         return sum(factors) * w.lora_itemsize
-    return 5 * 4 * max(factors) if device == "cpu" else 0
+    if device != "cpu":
+        return 0
+    if w.optimizer.endswith("8bit"):
+        return (5 * 4 + 6) * min(max(factors), ADAM_CHUNK)
+    return 5 * 4 * max(factors)
 
 
 def load_terms(shape: ModelShape, w: Workload, device: str, persistent: dict[str, int]) -> dict[str, int]:

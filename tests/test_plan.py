@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora import quant
+from qlora import cpu_adam, quant
 from qlora.cli import main
 from qlora.config import load_recipe, recipe_from_dict
 from qlora.errors import QloraError
@@ -23,7 +23,8 @@ from qlora.model_shapes import read_shape
 from qlora.optim import build_optimizer
 from qlora.plan import STEP_TERMS, parse_device, plan_recipe, to_json
 from qlora.plan_terms import (Workload, kept_layers, layer_terms, loss_bytes,
-                              matmul_temporaries, persistent_terms, quantized_linear_bytes)
+                              matmul_temporaries, optimizer_step_bytes, persistent_terms,
+                              quantized_linear_bytes)
 
 from conftest import STORIES, write_tiny_model
 
@@ -350,6 +351,27 @@ def test_cpu_matmul_temporaries_bound_the_input_gradients_scratch():
     t = quant._tile_height(quant.BLOCKSIZE, n)  # columns per tile on this CPU
     ours = n * t * 2 + n * t // 2 + n * t // 64 * 4 + n * k // 64 * 4  # tile, its codes and scales, absmax
     assert ours <= scratch <= matmul_temporaries(read_shape("huggyllama/llama-7b"), Workload.from_recipe(rec), "cpu")
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "paged_adamw_32bit"])
+def test_optimizer_step_term_bounds_the_step_at_65b_factor_sizes(optimizer):
+    """One CPU step over LoRA factors of 65B's widths (r 16; the MLP's B, 22016 x 16, is
+    larger than qlora.cpu_adam's chunk, so the 8-bit step slices it): its temporaries are
+    within the plan's term, and the 8-bit term is the chunk's, not the largest factor's."""
+    import warnings
+    warnings.filterwarnings("ignore", "Paged optimizers are not supported on CPU")
+    params = [torch.nn.Parameter(torch.randn(s).to(torch.bfloat16)) for s in
+              [(16, 8192), (22016, 16), (16, 22016), (8192, 16)]]
+    opt = build_optimizer(params, optimizer, 1e-4, 0.0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # the state exists from here on
+    measured = _live_peak(opt.step)
+    rec = recipe("huggyllama/llama-65b", r=16, optimizer=optimizer)
+    term = optimizer_step_bytes(read_shape("huggyllama/llama-65b"), Workload.from_recipe(rec), "cpu")
+    assert measured <= term
+    if optimizer.endswith("8bit"):
+        assert term < 5 * 4 * 22016 * 16 and measured > 5 * 4 * cpu_adam.CHUNK * 0.8
 
 
 def test_loss_term_is_one_chunk_of_logits_in_fp32_and_bf16(tmp_path):
