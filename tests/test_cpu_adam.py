@@ -18,25 +18,26 @@ REFERENCE = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.opt
 SHAPES = [(16, 4096), (11008, 16), (16, 576), (192, 16), (16, 576), (16, 32768), (1536, 16), (10, 410)]
 
 
-def _params(seed: int = 0) -> list[torch.Tensor]:
+def _params(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)) for s in SHAPES]
+    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(dtype)) for s in SHAPES]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # lora.dtype bfloat16 / auto
 @pytest.mark.parametrize("name", sorted(REFERENCE))
-def test_chunked_step_is_bitwise_bitsandbytes_step(name):
-    ours, ref = _params(), _params()
+def test_chunked_step_is_bitwise_bitsandbytes_step(name, dtype):
+    ours, ref = _params(dtype=dtype), _params(dtype=dtype)
     opt = build_optimizer(ours, name, lr=2e-3, weight_decay=0.01)
     ref_opt = REFERENCE[name](ref, lr=2e-3, weight_decay=0.01)
     assert isinstance(opt, REFERENCE[name]) and type(opt) is not REFERENCE[name]
     g = torch.Generator().manual_seed(1)
     for step in range(4):
         for a, b in zip(ours, ref):
-            a.grad = (torch.randn(a.shape, generator=g) * 10 ** -step).to(torch.bfloat16)
+            a.grad = (torch.randn(a.shape, generator=g) * 10 ** -step).to(dtype)
             b.grad = a.grad.clone()
         opt.step()
         ref_opt.step()
-    for a, b, before in zip(ours, ref, _params()):
+    for a, b, before in zip(ours, ref, _params(dtype=dtype)):
         assert not torch.equal(a, before), a.shape  # every tensor stepped
         assert torch.equal(a, b), a.shape
         sa, sb = opt.state[a], ref_opt.state[b]
