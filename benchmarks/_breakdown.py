@@ -1,6 +1,7 @@
 """Where a training step's time goes: one profiled step, split into what the levers act on.
 
-    parts = profile_step(step, x, peak_flops)   # {"gemm_s": ..., "gemm_floor_s": ..., ...}
+    b = profile_step(step, x)   # {"seconds": {category: s}, "gemm_flops": ..., "profiled_step_s": ...}
+    row(shape, stack, b, peak_flops)   # a markdown row; the GEMM floor at the run's bf16 peak
 
 Everything an optimizer's `step` calls is optimizer (bitsandbytes' 8-bit state is
 (de)quantized there by ops named like the 4-bit weight's). Every other operator the profiler

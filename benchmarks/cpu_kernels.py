@@ -1,6 +1,6 @@
 """Single-kernel timings behind #19's CPU decisions, each against its alternative, in one process.
 
-    python benchmarks/cpu_kernels.py adam        # chunked 8-bit AdamW vs bitsandbytes' per-tensor step
+    python benchmarks/cpu_kernels.py adam        # chunked 8-bit AdamW (by chunk size) vs bitsandbytes' step
     python benchmarks/cpu_kernels.py attention   # CPU flash attention by length; a blocked backward
     python benchmarks/cpu_kernels.py head        # the loss head's chunk size (qlora.loss.CHUNK_TOKENS)
     python benchmarks/cpu_kernels.py lora-fold   # B's GEMM folded into the base GEMM's K
@@ -40,6 +40,7 @@ def ms(f, reps: int = 10, warmup: int = 2) -> float:
 def adam() -> None:
     """One step over LoRA factor shapes: SmolLM2's 30 layers, and 8 layers of 65B's (r 16)."""
     import bitsandbytes as bnb
+    from qlora import cpu_adam
     from qlora.optim import build_optimizer
     warnings.filterwarnings("ignore")  # bitsandbytes: paged optimizers fall back on CPU
     d, f, kv, r = 576, 1536, 192, 16
@@ -52,10 +53,14 @@ def adam() -> None:
         params = [torch.nn.Parameter(torch.randn(s, generator=g).to(BF16) * 0.02) for s in shapes]
         for p in params:
             p.grad = torch.randn(p.shape, generator=g).to(BF16)
-        ours = build_optimizer(params, "paged_adamw_8bit", 1e-4, 0.0)
         theirs = bnb.optim.PagedAdamW8bit(params, lr=1e-4)  # the same tensors, its own state
+        cells = []
+        for chunk in (1 << 14, 1 << 16, cpu_adam.CHUNK, 1 << 20):  # qlora's CHUNK, and around it
+            default, cpu_adam.CHUNK = cpu_adam.CHUNK, chunk
+            cells.append(f"{chunk >> 10}K {ms(build_optimizer(params, 'paged_adamw_8bit', 1e-4, 0.0).step)} ms")
+            cpu_adam.CHUNK = default
         print(f"{name}: {len(params)} tensors, {sum(p.numel() for p in params) / 1e6:.1f}M params; "
-              f"bitsandbytes {ms(theirs.step)} ms, chunked {ms(ours.step)} ms per step")
+              f"bitsandbytes {ms(theirs.step)} ms; chunked, by chunk elements: " + ", ".join(cells))
 
 
 def _blocked_attention_backward(q, k, v, go, out, lse, scale, rows: int = 64):

@@ -15,14 +15,16 @@ scale each and chunks start on block edges. So a chunked step is bitwise bitsand
 state keeps bitsandbytes' layout and keys: checkpoints and resume do not change. Anything
 else (CUDA, 32-bit state of small tensors, per-parameter config overrides, update-norm
 clipping, sizes off the block grid) takes bitsandbytes' own per-tensor step. The 32-bit
-optimizers stay bitsandbytes' classes: without quantization their per-tensor step is a few
-ops, too little for chunks to pay. Timings: `benchmarks/cpu_kernels.py adam` (SmolLM2's
-tensors: a fifth of the step saved; 65B's few large ones: a tie).
+optimizers stay bitsandbytes' classes (no quantization; whether chunks pay there was not
+measured). Timings, and the chunk size against smaller and larger ones:
+`benchmarks/cpu_kernels.py adam` (SmolLM2's tensors: a fifth to a third of the step saved;
+65B's few large ones: a tie).
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import math
 
 import torch
@@ -44,7 +46,10 @@ class ChunkedCpuStep:
     @torch.no_grad()
     def step(self, closure=None):
         if any(p.device.type != "cpu" for group in self.param_groups for p in group["params"]):
-            return super().step(closure)  # CUDA: bitsandbytes' fused kernels, paging and syncs
+            # CUDA: bitsandbytes' fused kernels, paging and syncs. Its step unwrapped: torch
+            # wraps a class's step with the optimizer hooks once an instance exists, and ours
+            # already ran them.
+            return inspect.unwrap(super().step.__func__)(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -79,7 +84,7 @@ class ChunkedCpuStep:
         key, layout = (gindex, tuple(map(id, params))), _Plan.layout(params, states)
         plan = self._plans.get(key)
         if plan is None or plan.built_for != layout:
-            if len(self._plans) >= 8:  # parameter sets changed many times: keep none of the old
+            if len(self._plans) >= 2 * len(self.param_groups) + 2:  # sets changed: drop the old
                 self._plans.clear()
             plan = self._plans[key] = _Plan(params, states)
         return plan
@@ -170,7 +175,7 @@ def _adam_8bit(g, p, q1, q2, a1, a2, qmap1, qmap2, group: dict, step: int) -> No
     m.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # running mean of the gradient
     v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)  # and of its square
     correction1, correction2 = 1.0 - beta1 ** step, math.sqrt(1.0 - beta2 ** step)
-    denom = (v.sqrt() / correction2).add_(eps)
+    denom = v.sqrt().div_(correction2).add_(eps)  # bitsandbytes' (sqrt / c2) + eps, one buffer
     if wd > 0.0:
         pf.mul_(1.0 - lr * wd)
     pf.addcdiv_(m, denom, value=-lr / correction1)

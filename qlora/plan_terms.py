@@ -311,16 +311,18 @@ def optimizer_step_bytes(shape: ModelShape, w: Workload, device: str) -> int:
     """Temporaries of one optimizer step. torch's AdamW (foreach) holds one extra copy of all
     state-sized tensors; bitsandbytes on CPU works one tensor at a time in fp32 (gradient,
     parameter, both moments dequantized, update: 5 copies), and its 8-bit AdamW through
-    qlora.cpu_adam one chunk of at most ADAM_CHUNK elements at a time (the same 5 fp32 copies, plus
-    the chunk gathered: 2 + 2 bytes of gradient and parameter, 1 + 1 of codes); its CUDA
-    kernels need none."""
+    qlora.cpu_adam one chunk at a time: consecutive small factors packed up to ADAM_CHUNK
+    elements (the same 5 fp32 copies; the chunk gathered, 2 + 2 bytes of gradient and
+    parameter and 1 + 1 of codes; the requantized codes, 1 + 1; and the block scales, 6 fp32
+    per 256 elements as measured); its CUDA kernels need none."""
     factors = lora_tensors(shape, w)
     if w.optimizer == "adamw_torch":
         return sum(factors) * w.lora_itemsize
     if device != "cpu":
         return 0
     if w.optimizer.endswith("8bit"):
-        return (5 * 4 + 6) * min(max(factors), ADAM_CHUNK)
+        n = min(sum(factors), ADAM_CHUNK)
+        return (5 * 4 + 8) * n + 6 * 4 * -(-n // 256)
     return 5 * 4 * max(factors)
 
 

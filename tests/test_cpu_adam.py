@@ -63,7 +63,7 @@ def test_runs_cover_every_element_once_on_block_edges():
     assert all(bool((s == 1).all()) for s in seen)
 
 
-def test_state_dict_loads_into_bitsandbytes_own_class():
+def test_state_dict_loads_into_bitsandbytes_own_class_and_steps_the_same():
     ours, ref = _params(), _params()
     opt = build_optimizer(ours, "paged_adamw_8bit", lr=1e-3, weight_decay=0.0)
     for p in ours:
@@ -72,7 +72,44 @@ def test_state_dict_loads_into_bitsandbytes_own_class():
     ref_opt = bnb.optim.PagedAdamW8bit(ref, lr=1e-3, weight_decay=0.0)
     ref_opt.load_state_dict(opt.state_dict())
     for a, b in zip(ours, ref):
-        assert torch.equal(opt.state[a]["state2"], ref_opt.state[b]["state2"])
+        b.data.copy_(a.data)
+        a.grad = torch.full_like(a, -0.5)
+        b.grad = a.grad.clone()
+    opt.step()
+    ref_opt.step()
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b) and torch.equal(opt.state[a]["state2"], ref_opt.state[b]["state2"])
+
+
+def test_groups_with_their_own_settings_and_missing_gradients():
+    """Per-group lr/betas/eps/weight decay, an lr changed between steps (a scheduler), a
+    tensor without a gradient in one step (its step count falls behind) and a group added
+    mid-run: parameters and state bitwise bitsandbytes' own after the same sequence."""
+    def groups(params):
+        return [{"params": params[:3], "lr": 2e-3, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1},
+                {"params": params[3:6], "lr": 5e-4}]
+
+    ours, ref = _params(), _params()
+    opt = cpu_adam.PagedAdamW8bit(groups(ours), lr=1e-3, weight_decay=0.0)
+    ref_opt = bnb.optim.PagedAdamW8bit(groups(ref), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):
+        if step == 2:
+            for o, ps in ((opt, ours), (ref_opt, ref)):
+                o.add_param_group({"params": ps[6:], "lr": 3e-3})
+                o.param_groups[0]["lr"] *= 0.5
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            if i >= 6 and step < 2:
+                continue  # not in the optimizer yet
+            a.grad = None if (step == 1 and i in (0, 4)) else torch.randn(a.shape, generator=g).to(torch.bfloat16)
+            b.grad = None if a.grad is None else a.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b), a.shape
+        assert opt.state[a]["step"] == ref_opt.state[b]["step"]
+        assert all(torch.equal(opt.state[a][k], ref_opt.state[b][k]) for k in ("state1", "state2"))
+    assert opt.state[ours[0]]["step"] == 3 and opt.state[ours[6]]["step"] == 2
 
 
 def test_a_loaded_state_is_the_one_stepped():

@@ -213,3 +213,36 @@ def test_paged_optimizer_stays_paged_after_resume_on_cuda():
     for name in ("state1", "state2"):
         (key,) = [k for k in tensors if k.endswith("/" + name)]
         assert torch.equal(tensors[key], state[name].cpu()), key
+
+
+def test_8bit_adamw_on_cuda_is_bitsandbytes_step_with_hooks_run_once():
+    """On CUDA the chunked CPU step (qlora.cpu_adam) hands over to bitsandbytes' own step:
+    bitwise the same update, and torch's optimizer hooks run once per step even after a plain
+    bitsandbytes optimizer made torch wrap that class's step with them too."""
+    import bitsandbytes as bnb
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(torch.bfloat16).cuda())
+                for s in [(16, 4096), (11008, 16), (192, 16)]]
+
+    ours, theirs = make(), make()
+    opt = optim.build_optimizer(ours, "paged_adamw_8bit", lr=1e-3, weight_decay=0.01)
+    ref = bnb.optim.PagedAdamW8bit(theirs, lr=1e-3, weight_decay=0.01)
+    calls = []
+    handle = register_optimizer_step_pre_hook(lambda o, args, kwargs: calls.append(type(o).__module__))
+    try:
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for a, b in zip(ours, theirs):
+                a.grad = torch.randn(a.shape, generator=g).to(torch.bfloat16).cuda()
+                b.grad = a.grad.clone()
+            opt.step()
+            ref.step()
+    finally:
+        handle.remove()
+    assert calls.count("qlora.cpu_adam") == 3 and len(calls) == 6
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["state1"], ref.state[b]["state1"])
