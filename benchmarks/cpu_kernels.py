@@ -14,27 +14,23 @@ import argparse
 import resource
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from matmul4bit import best_ms  # noqa: E402
+
 BF16 = torch.bfloat16
 
 
-def ms(f, reps: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        f()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return round(statistics.median(times) * 1e3, 2)
+def ms(f, reps: int = 10) -> float:
+    """Median milliseconds of `reps` calls after 2 warm-ups."""
+    return round(best_ms(f, reps, warmup=2, pick=statistics.median), 2)
 
 
 def adam() -> None:

@@ -20,14 +20,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def best_ms(f, n: int = 6) -> float:
-    f()
+def best_ms(f, n: int = 6, warmup: int = 1, pick=min) -> float:
+    """Milliseconds of `f()`: `pick` (min, or e.g. statistics.median) of n timed calls after
+    `warmup` untimed ones."""
+    for _ in range(warmup):
+        f()
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
         f()
         times.append(time.perf_counter() - t0)
-    return 1e3 * min(times)
+    return 1e3 * pick(times)
 
 
 def main() -> None:

@@ -3,9 +3,9 @@
 Why: on CPU, bitsandbytes updates one parameter at a time: dequantize its two 8-bit states,
 a dozen fp32 torch ops, quantize them again. LoRA has hundreds of small factors
 (SmolLM2-135M: 420 tensors, 4.9M elements), so a step pays that per-call overhead hundreds
-of times, and a large tensor's fp32 temporaries stream through memory. Here the same ops run
-over chunks of CHUNK elements (about 1 MB per fp32 temporary, so a chunk's passes stay in
-cache): a chunk is several consecutive small tensors concatenated, or a slice of a large one.
+of times. Here the same ops run over chunks of CHUNK elements, several consecutive small
+tensors concatenated or a slice of a large one (16K-element chunks paid per-op overhead
+again, 1024K ones were no faster: `benchmarks/cpu_kernels.py adam`).
 
 The ops and their order are those of bitsandbytes' CPU kernel
 (`backends/cpu/ops.py::_optimizer_update_8bit_blockwise_cpu`), and every element's
@@ -86,7 +86,7 @@ class ChunkedCpuStep:
         if plan is None or plan.built_for != layout:
             if len(self._plans) >= 2 * len(self.param_groups) + 2:  # sets changed: drop the old
                 self._plans.clear()
-            plan = self._plans[key] = _Plan(params, states)
+            plan = self._plans[key] = _Plan(params, states, layout)
         return plan
 
     def _chunkable(self, p: torch.Tensor, gindex: int, pindex: int) -> bool:
@@ -137,8 +137,8 @@ class _Plan:
 
     STATE_KEYS = ("state1", "state2", "absmax1", "absmax2")  # codes, then their block scales
 
-    def __init__(self, params: list[torch.Tensor], states: list[dict]):
-        self.built_for = self.layout(params, states)  # rebuilt when this changes
+    def __init__(self, params: list[torch.Tensor], states: list[dict], layout: tuple):
+        self.built_for = layout  # rebuilt when this changes
         self.runs = list(_runs([p.numel() for p in params]))
         self.params = [_segment_views(params, run) for run in self.runs]
         self.states = {key: [_segment_views([s[key] for s in states], run, BLOCK if "absmax" in key else 1)
@@ -155,8 +155,7 @@ def _step_chunks(plan: _Plan, params: list[torch.Tensor], states: list[dict], gr
     """One Adam step of `params` (all in one param group, at the same step count)."""
     grads = [p.grad for p in params]
     for r, run in enumerate(plan.runs):
-        g = _gather([grads[i].view(-1) if a == 0 and b == grads[i].numel() else grads[i].view(-1)[a:b]
-                     for i, a, b in run])
+        g = _gather(_segment_views(grads, run))  # gradients are new tensors every step
         views = [plan.params[r]] + [plan.states[key][r] for key in plan.STATE_KEYS]
         flats = [_gather(v) for v in views]  # p, state1, state2, absmax1, absmax2
         _adam_8bit(g, *flats, states[0]["qmap1"], states[0]["qmap2"], group, step)

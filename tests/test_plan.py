@@ -23,7 +23,7 @@ from qlora.model_shapes import read_shape
 from qlora.optim import build_optimizer
 from qlora.plan import STEP_TERMS, parse_device, plan_recipe, to_json
 from qlora.plan_terms import (Workload, kept_layers, layer_terms, loss_bytes,
-                              matmul_temporaries, optimizer_step_bytes, persistent_terms,
+                              lora_tensors, matmul_temporaries, optimizer_step_bytes, persistent_terms,
                               quantized_linear_bytes)
 
 from conftest import STORIES, write_tiny_model
@@ -363,12 +363,9 @@ def test_optimizer_step_term_bounds_one_layers_step(optimizer, model):
     import warnings
     warnings.filterwarnings("ignore", "Paged optimizers are not supported on CPU")
     shape = read_shape(model)
-    rec = recipe(model, r=16, optimizer=optimizer)
-    w = Workload.from_recipe(rec)
-    d, f, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
-    params = [torch.nn.Parameter(torch.randn(s).to(torch.bfloat16)) for s in
-              [(16, d), (d, 16), (16, d), (kv, 16), (16, d), (kv, 16), (16, d), (d, 16),
-               (16, d), (f, 16), (16, d), (f, 16), (16, f), (d, 16)]]
+    w = Workload.from_recipe(recipe(model, r=16, optimizer=optimizer))
+    one_layer = lora_tensors(shape, w)[: 2 * len(w.targets)]  # A and B of every adapted linear
+    params = [torch.nn.Parameter(torch.randn(n).to(torch.bfloat16)) for n in one_layer]
     opt = build_optimizer(params, optimizer, 1e-4, 0.0)
     for p in params:
         p.grad = torch.randn_like(p)
