@@ -177,7 +177,9 @@ def _cpu_input_grad(g2: torch.Tensor, weight: Params4bit, k: int) -> torch.Tenso
     Each column tile is a full-depth GEMM over all n rows of W, so every output element is
     rounded to bf16 once, as in `g2 @ dequantize(W)` (the row tiles' bf16 partial sums had
     2.5-7x its error, benchmarks/matmul4bit.py). The tile's 4-bit
-    codes and scales are strided in W's layout and are first gathered into small buffers.
+    codes and scales are strided in W's layout and are first gathered into small buffers,
+    unless one tile is all of W (every weight up to AMX_TILE_WEIGHTS on AMX, e.g. 1.3B's
+    attention): then they are read where they are.
     Widths that do not split into whole blocks per row take the row tiles instead.
     """
     state, n = weight.quant_state, weight.quant_state.shape[0]
@@ -189,6 +191,9 @@ def _cpu_input_grad(g2: torch.Tensor, weight: Params4bit, k: int) -> torch.Tenso
     cols = min(k, _tile_height(bs, n))
     gx = g2.new_empty(g2.shape[0], k)  # (M, k)
     w_buf = g2.new_empty(n * cols)
+    if cols == k:  # one tile, already contiguous
+        torch.mm(g2, _dequantize_into(kernel, codes, scales, w_buf.view(n, k), bs), out=gx)
+        return gx
     codes_buf = codes.new_empty(n * cols // 2)
     scales_buf = scales.new_empty(n * cols // bs)
     for c in range(0, k, cols):

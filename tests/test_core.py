@@ -111,16 +111,17 @@ def test_tiled_quantization_equals_bitsandbytes(quant_type, double_quant):
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
-@pytest.mark.parametrize("in_features", [172, 256, 171])
-def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_quant, in_features):
+@pytest.mark.parametrize("in_features,tile_rows", [(172, 64), (256, 64), (171, 64), (256, 512)])
+def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_quant, in_features, tile_rows):
     """Our CPU 4-bit matmul dequantizes tiles (into one buffer through bitsandbytes' native
     kernel; odd widths through its op); forward must be bitwise bitsandbytes', backward
-    bitwise `grad @ W` with column tiles, and up to bf16 rounding of the partial sums with
-    the row tiles that widths of partial blocks per row take."""
+    bitwise `grad @ W` with column tiles (one tile: the same GEMM as `grad @ W`), and up
+    to bf16 rounding of the partial sums with the row tiles that widths of partial blocks
+    per row take."""
     import bitsandbytes as bnb
     native = quant._cpu_dequantize_kernel(quant_type, torch.bfloat16, in_features, 64)
     assert (native is None) == (in_features % 2 == 1)  # this bitsandbytes build has it
-    monkeypatch.setattr(quant, "TILE_ROWS", 64)  # 5 tiles, the last one partial
+    monkeypatch.setattr(quant, "TILE_ROWS", tile_rows)  # 64: 5 tiles, the last one partial
     monkeypatch.setattr(quant, "AMX_TILE_WEIGHTS", 0)
     g = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(in_features, 300, bias=True, dtype=torch.bfloat16)
@@ -148,6 +149,8 @@ def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_q
         tiles = (x.grad.double() - exact).abs() / ulp
         whole = ((grad @ w).double() - exact).abs() / ulp
         assert tiles.max() <= 2 and tiles.mean() <= 1.1 * whole.mean(), (tiles.max(), tiles.mean(), whole.mean())
+        if tile_rows >= in_features:  # one column tile, read in place: W's own GEMM
+            assert torch.equal(x.grad, grad @ w)
 
 
 @pytest.mark.parametrize("amx_tile_weights", [0, 2048 * 2048])
