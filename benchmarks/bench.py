@@ -8,7 +8,10 @@ For every shape, OURS and the REFERENCE each run in a fresh child process (this 
 batch, LoRA rank (alpha = 2r, dropout 0.05, all decoder linears), the same random token
 batches and the same optimizer (bitsandbytes PagedAdamW8bit, lr 1e-4: ours through
 qlora.optim, whose CPU step runs in chunks with bitwise the same result, qlora/cpu_adam.py).
-`--steps` counts the timed steps; `--warmup` untimed steps run before them.
+`--steps` counts the timed steps; `--warmup` untimed steps run before them. OURS runs with
+torch's huge-page allocations, which `import qlora` turns on (qlora/memory.py), the REFERENCE
+without, as its users run it; `--stacks ours,ours-nothp,reference` adds OURS without them, and
+THP_MEM_ALLOC_ENABLE=1 in this environment gives every stack huge pages (stack_env).
 
 Figures per run:
   load s         the model-loading call alone (load_model / from_pretrained)
@@ -16,6 +19,7 @@ Figures per run:
   tok/s          median over the timed steps of batch*seq / (forward+backward+optimizer step)
   run peak       VmHWM at the end: load + adapter setup + all training steps
   tok/s (best)   the same with the fastest timed step (the machine may be shared)
+  page faults    minor page faults per timed step (median): memory the step touched afresh
   roofline       6 * params * tok/s over the bf16 matmul peak of the run: the best 2048^3
                  torch.matmul seen in a loop run at the start (own child process) and in the
                  short probe every worker runs before loading (also reported per worker: it
@@ -206,15 +210,19 @@ def worker(args) -> dict:
     g = torch.Generator().manual_seed(1234)
     batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g)
                for _ in range(args.warmup + args.steps)]
-    times, losses = [], []
+    times, losses, faults = [], [], []
     for i, x in enumerate(batches):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         losses.append(step(x))
         dt = time.perf_counter() - t0
+        df = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         if i >= args.warmup:
             times.append(dt)
+            faults.append(df)
         print(f"  [{args.worker} {args.shape}] step {i} {'warmup' if i < args.warmup else 'timed'}"
-              f" {dt:.2f}s loss {losses[-1]:.4f} rss {rss_gb():.2f} GB", file=sys.stderr, flush=True)
+              f" {dt:.2f}s loss {losses[-1]:.4f} rss {rss_gb():.2f} GB page faults {df}",
+              file=sys.stderr, flush=True)
     tokens = args.batch * args.seq
     run_peak = hwm_gb()  # before the profiled step: its bookkeeping is not the stack's memory
     parts = None
@@ -225,9 +233,9 @@ def worker(args) -> dict:
         "stack": args.worker, "shape": args.shape, "params": _shapes.count_params(path),
         "trainable": trainable, "load_s": load_s, "load_peak_gb": load_peak,
         "run_peak_gb": run_peak, "base_rss_gb": base_rss, "breakdown": parts, "setup_rss_gb": setup_rss,
-        "hwm_reset": hwm_reset, "step_s": times, "losses": losses,
+        "hwm_reset": hwm_reset, "step_s": times, "losses": losses, "page_faults": faults,
         "tok_s": tokens / statistics.median(times), "tok_s_best": tokens / min(times),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "probe_bf16_flops": probe_best, "probe_bf16_median_flops": probe_median,
     }
 
@@ -262,14 +270,28 @@ def matmul_worker(args) -> dict:
 
 # ---------------------------------------------------------------- parent
 
-def run_child(argv: list[str], script: Path = Path(__file__).resolve()) -> dict:
-    """Run `script` (this one by default) with `argv`; its RESULT line, parsed."""
+def run_child(argv: list[str], script: Path = Path(__file__).resolve(), env: dict | None = None) -> dict:
+    """Run `script` (this one by default) with `argv` (and `env` over this environment); its
+    RESULT line, parsed."""
     cmd = [sys.executable, str(script), *argv]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"worker failed (rc {proc.returncode}): {' '.join(cmd)}\n{proc.stdout}")
     return json.loads(lines[-1][len(RESULT):])
+
+
+STACKS = ("ours", "ours-keep", "ours-nothp", "reference")  # the reference last
+
+
+def stack_env(stack: str) -> dict:
+    """Environment a stack's worker runs with. `import qlora` turns on torch's huge-page
+    allocations (THP_MEM_ALLOC_ENABLE, qlora/memory.py), and every worker imports it; the
+    reference runs as its users run it, without, unless this environment sets the variable
+    (THP_MEM_ALLOC_ENABLE=1 for a reference with huge pages); ours-nothp never has them."""
+    if stack == "ours-nothp" or (stack == "reference" and "THP_MEM_ALLOC_ENABLE" not in os.environ):
+        return {"THP_MEM_ALLOC_ENABLE": "0"}
+    return {}
 
 
 def fmt_params(n: int) -> str:
@@ -278,13 +300,13 @@ def fmt_params(n: int) -> str:
 
 def table(results: list[dict], peak: float) -> str:
     head = ("| shape | params | stack | load s | load peak RSS GB | tok/s (median) | tok/s (best) | "
-            "run peak RSS GB | bf16 roofline | bf16 probe GFLOP/s | step s | loss step 0 |")
+            "run peak RSS GB | bf16 roofline | bf16 probe GFLOP/s | step s | page faults/step | loss step 0 |")
     rows = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     by_shape: dict[str, dict[str, dict]] = {}
     for r in results:
         by_shape.setdefault(r["shape"], {})[r["stack"]] = r
     for shape, d in by_shape.items():
-        for stack in ("ours", "ours-keep", "reference"):
+        for stack in STACKS:
             r = d.get(stack)
             if r is None:
                 continue
@@ -292,15 +314,16 @@ def table(results: list[dict], peak: float) -> str:
             rows.append(f"| {shape} | {fmt_params(r['params'])} | {stack} | {r['load_s']:.2f} | "
                         f"{r['load_peak_gb']:.2f} | {r['tok_s']:.1f} | {r['tok_s_best']:.1f} | "
                         f"{r['run_peak_gb']:.2f} | {100 * roof:.2f}% | {r['probe_bf16_flops'] / 1e9:.0f} | "
-                        f"{' '.join(f'{t:.1f}' for t in r['step_s'])} | {r['losses'][0]:.4f} |")
-        for ours in ("ours", "ours-keep"):
+                        f"{' '.join(f'{t:.1f}' for t in r['step_s'])} | "
+                        f"{statistics.median(r['page_faults']) / 1e3:.0f}K | {r['losses'][0]:.4f} |")
+        for ours in STACKS[:-1]:
             if ours not in d or "reference" not in d:
                 continue
             o, f = d[ours], d["reference"]
             rows.append(f"| {shape} | | **{ours}/ref** | {o['load_s'] / f['load_s']:.2f}x | "
                         f"{o['load_peak_gb'] / f['load_peak_gb']:.2f}x | "
                         f"{o['tok_s'] / f['tok_s']:.2f}x | {o['tok_s_best'] / f['tok_s_best']:.2f}x | "
-                        f"{o['run_peak_gb'] / f['run_peak_gb']:.2f}x | | | | |")
+                        f"{o['run_peak_gb'] / f['run_peak_gb']:.2f}x | | | | | |")
     return "\n".join(rows)
 
 
@@ -314,7 +337,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after warm-up)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--stacks", default="ours,reference",
-                    help="which stacks to run: ours, ours-keep (ours with --keep-matmuls-gb), reference")
+                    help="which stacks to run: ours, ours-keep (ours with --keep-matmuls-gb), ours-nothp "
+                         "(ours without huge pages), reference")
     ap.add_argument("--keep-matmuls-gb", type=float, default=1.0,
                     help="ours-keep: memory for kept 4-bit matmul outputs (train.keep_matmuls_gb)")
     ap.add_argument("--matmul-seconds", type=float, default=5.0,
@@ -325,7 +349,7 @@ def main():
                     help="skip the profiled step that splits each stack's time into GEMM (against its "
                          "floor), dequantization, dropout, attention, optimizer and other")
     ap.add_argument("--json", type=Path, help="also write all raw results here")
-    ap.add_argument("--worker", choices=("ours", "ours-keep", "reference", "matmul"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=(*STACKS, "matmul"), help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -359,7 +383,7 @@ def main():
         _shapes.model_path(shape)  # generate once, outside the timed workers
         for stack in args.stacks.split(","):
             print(f"== {shape} / {stack}", file=sys.stderr, flush=True)
-            r = run_child(["--worker", stack, "--shape", shape, *common])
+            r = run_child(["--worker", stack, "--shape", shape, *common], env=stack_env(stack))
             results.append(r)
             print(f"{shape:12s} {stack:9s} load {r['load_s']:7.2f}s  load-peak {r['load_peak_gb']:6.2f} GB  "
                   f"{r['tok_s']:8.1f} tok/s  run-peak {r['run_peak_gb']:6.2f} GB  "
