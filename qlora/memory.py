@@ -8,9 +8,10 @@ counts) stays above what is live unless we ask. Elsewhere (macOS, musl) these ar
 Huge pages (`THP_MEM_ALLOC_ENABLE`, set by `import qlora`): every layer's forward,
 recompute and backward allocates temporaries of megabytes (dequantized tiles, activations,
 the loss head's chunks), and what glibc maps fresh for them, or what a release handed back,
-is faulted in again 4 KB at a time: 70-190 thousand page faults in a 1.3B step. With
+is faulted in again 4 KB at a time: ~120 thousand page faults in a 1.3B step. With
 torch's allocator asking for transparent huge pages on its 2 MB-and-up blocks, a fault brings
-in 2 MB, and the same step takes a few thousand (benchmarks/README.md, "Huge pages").
+in 2 MB, and the same step takes ~12 thousand (bench.py's page-fault column; benchmarks/README.md,
+"Huge pages").
 Only Linux with THP in `madvise` or `always` mode acts on it; elsewhere it changes nothing.
 """
 

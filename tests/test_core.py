@@ -4,9 +4,11 @@ BitsAndBytesConfig for the 4-bit base, plain PyTorch math for LoRA, PEFT for ada
 from __future__ import annotations
 
 import copy
-import os
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from qlora.lora import LoRALinear, add_lora, lora_layers, trainable_report
 from qlora.checkpointing import enable_gradient_checkpointing
 from qlora.model import load_model
 
-from conftest import write_tiny_model
+from conftest import python_path, write_tiny_model
 
 
 def reference_4bit(path, **kw):
@@ -473,9 +475,8 @@ def test_import_asks_torch_for_huge_pages_unless_told_not_to():
     """`import qlora` sets THP_MEM_ALLOC_ENABLE=1 before torch's first large allocation (an
     explicit value wins), and where the kernel grants transparent huge pages on request,
     torch's large blocks then fault in 2 MB at a time: a small fraction of the faults."""
-    import subprocess
-    import sys
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env["PYTHONPATH"] = python_path()
     runs = {}
     for value in (None, "0"):
         out = subprocess.run([sys.executable, "-c", _THP_PROBE], capture_output=True, text=True, check=True,
