@@ -25,6 +25,11 @@ Figures per run:
                  short probe every worker runs before loading (also reported per worker: it
                  says how much of the CPU that worker had)
 
+`--rounds N` runs every stack N times per shape, alternating their order (ours, reference;
+reference, ours; ...), for a machine whose speed drifts between processes: tok/s is then the
+median over the rounds, the peaks their maximum, and ours/ref the median of the ratios of one
+round's pair (with their range), so a slow minute hurts one pair, not the comparison.
+
 Random-weight checkpoints for the synthetic shapes are written once to /tmp/qlora-bench/<shape>
 (override with QLORA_BENCH_CACHE) shard by shard; see _shapes.py.
 """
@@ -298,14 +303,34 @@ def fmt_params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
+def merge_rounds(runs: list[dict]) -> dict:
+    """One stack's runs of a shape (one per round) as one result: medians of speed, maxima of
+    memory, every timed step and fault count listed."""
+    if len(runs) == 1:
+        return runs[0]
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    return runs[0] | {
+        "tok_s": med("tok_s"), "tok_s_best": max(r["tok_s_best"] for r in runs),
+        "load_s": med("load_s"), "probe_bf16_flops": med("probe_bf16_flops"),
+        "load_peak_gb": max(r["load_peak_gb"] for r in runs), "run_peak_gb": max(r["run_peak_gb"] for r in runs),
+        "step_s": [t for r in runs for t in r["step_s"]], "page_faults": [f for r in runs for f in r["page_faults"]],
+    }
+
+
+def pair_ratios(ours: list[dict], ref: list[dict]) -> list[float]:
+    """tok/s of ours over the reference's, round by round (runs listed in round order)."""
+    return [o["tok_s"] / f["tok_s"] for o, f in zip(ours, ref)]
+
+
 def table(results: list[dict], peak: float) -> str:
     head = ("| shape | params | stack | load s | load peak RSS GB | tok/s (median) | tok/s (best) | "
             "run peak RSS GB | bf16 roofline | bf16 probe GFLOP/s | step s | page faults/step | loss step 0 |")
     rows = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
-    by_shape: dict[str, dict[str, dict]] = {}
+    by_shape: dict[str, dict[str, list[dict]]] = {}
     for r in results:
-        by_shape.setdefault(r["shape"], {})[r["stack"]] = r
-    for shape, d in by_shape.items():
+        by_shape.setdefault(r["shape"], {}).setdefault(r["stack"], []).append(r)
+    for shape, runs in by_shape.items():
+        d = {stack: merge_rounds(rs) for stack, rs in runs.items()}
         for stack in STACKS:
             r = d.get(stack)
             if r is None:
@@ -320,9 +345,13 @@ def table(results: list[dict], peak: float) -> str:
             if ours not in d or "reference" not in d:
                 continue
             o, f = d[ours], d["reference"]
+            ratios = pair_ratios(runs[ours], runs["reference"])
+            speed = f"{statistics.median(ratios):.2f}x"
+            if len(ratios) > 1:
+                speed += f" ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} pairs)"
             rows.append(f"| {shape} | | **{ours}/ref** | {o['load_s'] / f['load_s']:.2f}x | "
                         f"{o['load_peak_gb'] / f['load_peak_gb']:.2f}x | "
-                        f"{o['tok_s'] / f['tok_s']:.2f}x | {o['tok_s_best'] / f['tok_s_best']:.2f}x | "
+                        f"{speed} | {o['tok_s_best'] / f['tok_s_best']:.2f}x | "
                         f"{o['run_peak_gb'] / f['run_peak_gb']:.2f}x | | | | | |")
     return "\n".join(rows)
 
@@ -348,6 +377,9 @@ def main():
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                     help="skip the profiled step that splits each stack's time into GEMM (against its "
                          "floor), dequantization, dropout, attention, optimizer and other")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every stack this many times per shape, alternating their order; "
+                         "speeds are medians over the rounds, ours/ref the median of the rounds' ratios")
     ap.add_argument("--json", type=Path, help="also write all raw results here")
     ap.add_argument("--worker", choices=(*STACKS, "matmul"), help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -366,8 +398,8 @@ def main():
     common = ["--seq", str(args.seq), "--batch", str(args.batch), "--rank", str(args.rank),
               "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--probe-seconds", str(args.probe_seconds), "--keep-matmuls-gb", str(args.keep_matmuls_gb)]
-    if not args.breakdown:
-        common.append("--no-breakdown")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     mm = run_child(["--worker", "matmul", "--matmul-seconds", str(args.matmul_seconds)])
     peak = mm["bf16_peak_flops"]
     print(f"bf16 matmul 2048^3: peak {peak / 1e9:.0f} GFLOP/s (median {mm['bf16_median_flops'] / 1e9:.0f}); "
@@ -381,18 +413,23 @@ def main():
             print(f"skip smollm2: {_shapes.SMOLLM2} absent", flush=True)
             continue
         _shapes.model_path(shape)  # generate once, outside the timed workers
-        for stack in args.stacks.split(","):
-            print(f"== {shape} / {stack}", file=sys.stderr, flush=True)
-            r = run_child(["--worker", stack, "--shape", shape, *common], env=stack_env(stack))
-            results.append(r)
-            print(f"{shape:12s} {stack:9s} load {r['load_s']:7.2f}s  load-peak {r['load_peak_gb']:6.2f} GB  "
-                  f"{r['tok_s']:8.1f} tok/s  run-peak {r['run_peak_gb']:6.2f} GB  "
-                  f"trainable {r['trainable']}", flush=True)
+        stacks = args.stacks.split(",")
+        for rnd in range(args.rounds):
+            # the profiled step runs in the first round only: its table is one row per stack
+            extra = [] if args.breakdown and rnd == 0 else ["--no-breakdown"]
+            for stack in stacks if rnd % 2 == 0 else stacks[::-1]:
+                print(f"== {shape} / {stack}" + (f" (round {rnd + 1})" if args.rounds > 1 else ""),
+                      file=sys.stderr, flush=True)
+                r = run_child(["--worker", stack, "--shape", shape, *common, *extra], env=stack_env(stack))
+                results.append(r | {"round": rnd})
+                print(f"{shape:12s} {stack:9s} load {r['load_s']:7.2f}s  load-peak {r['load_peak_gb']:6.2f} GB  "
+                      f"{r['tok_s']:8.1f} tok/s  run-peak {r['run_peak_gb']:6.2f} GB  "
+                      f"trainable {r['trainable']}", flush=True)
     # The machine is shared: the best matmul rate seen anywhere in this run is its peak.
     peak = max([peak] + [r["probe_bf16_flops"] for r in results])
     print()
     print(f"seq {args.seq}, batch {args.batch}, r {args.rank} (alpha {2 * args.rank}), dropout {DROPOUT}, "
-          f"PagedAdamW8bit lr {LR}, {args.warmup} warm-up + {args.steps} timed steps; "
+          f"PagedAdamW8bit lr {LR}, {args.warmup} warm-up + {args.steps} timed steps, {args.rounds} round(s); "
           f"bf16 peak (best 2048^3 matmul of the run) {peak / 1e9:.0f} GFLOP/s")
     print(table(results, peak))
     if args.breakdown:
