@@ -318,8 +318,9 @@ def merge_rounds(runs: list[dict]) -> dict:
 
 
 def pair_ratios(ours: list[dict], ref: list[dict]) -> list[float]:
-    """tok/s of ours over the reference's, round by round (runs listed in round order)."""
-    return [o["tok_s"] / f["tok_s"] for o, f in zip(ours, ref)]
+    """tok/s of ours over the reference's in the same round, for every round both ran."""
+    ref_by_round = {f["round"]: f for f in ref}
+    return [o["tok_s"] / ref_by_round[o["round"]]["tok_s"] for o in ours if o["round"] in ref_by_round]
 
 
 def table(results: list[dict], peak: float) -> str:
