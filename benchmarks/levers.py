@@ -22,7 +22,7 @@ configuration. Each configuration switches one lever back to what qlora did befo
   unread outputs       -> the recompute also runs down_proj's 4-bit matmul, whose output
                           only feeds the residual sum backward never reads
   keep matmul outputs  -> (off by default) train.keep_matmuls_gb large enough for every layer
-  2048-row tiles       -> 1024-row GEMM tiles on AMX CPUs too (quant.AMX_TILE_WEIGHTS 0;
+  2048-row tiles       -> 1024-row GEMM tiles on AMX CPUs too (cpu_matmul.AMX_TILE_WEIGHTS 0;
                           without AMX this row is the default)
   head gradient in     -> the head + cross-entropy in checkpointed chunks, their gradient taken
   the loss's forward      in backward by autograd (recomputing the head's GEMM)
@@ -74,7 +74,7 @@ def main() -> None:
     import torch
 
     import _shapes
-    from qlora import checkpointing, lora, loss, memory, model as qmodel, quant
+    from qlora import checkpointing, cpu_matmul, lora, loss, memory, model as qmodel
     from qlora.config import LoraConfig
     from qlora.lora import add_lora
     from qlora.loss import lm_loss_sum
@@ -89,7 +89,7 @@ def main() -> None:
     layers = qmodel.decoder_layers(model)
 
     current = {
-        "cpu_forward": quant._cpu_forward, "cpu_input_grad": quant._cpu_input_grad,
+        "cpu_forward": cpu_matmul._cpu_forward, "cpu_input_grad": cpu_matmul._cpu_input_grad,
         "drop": lora.drop_unscaled, "release": memory.release_freed_memory,
         "forward": lora.LoRALinear.forward, "unread": checkpointing.mark_unread_outputs,
         "head": loss._fused}
@@ -134,12 +134,12 @@ def main() -> None:
     hooks: list = []
     optimizer_step = [opt.step]
 
-    amx_tiles = quant.AMX_TILE_WEIGHTS
+    amx_tiles = cpu_matmul.AMX_TILE_WEIGHTS
 
     def apply(off: set[str], keep: bool) -> None:
-        quant.AMX_TILE_WEIGHTS = 0 if "tiles2048" in off else amx_tiles
-        quant._cpu_forward = before["cpu_forward"] if "tiled" in off else current["cpu_forward"]
-        quant._cpu_input_grad = before["cpu_input_grad"] if "tiled" in off else current["cpu_input_grad"]
+        cpu_matmul.AMX_TILE_WEIGHTS = 0 if "tiles2048" in off else amx_tiles
+        cpu_matmul._cpu_forward = before["cpu_forward"] if "tiled" in off else current["cpu_forward"]
+        cpu_matmul._cpu_input_grad = before["cpu_input_grad"] if "tiled" in off else current["cpu_input_grad"]
         lora.drop_unscaled = (before["drop"] if "mask" in off else torch_bits_drop if "rng" in off
                               else one_stream_drop if "maskthreads" in off
                               else where_drop if "where" in off else current["drop"])

@@ -36,14 +36,14 @@ def best_ms(f, n: int = 6, warmup: int = 1, pick=min) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--tile-rows", type=int, default=None, help="override quant.TILE_ROWS")
+    ap.add_argument("--tile-rows", type=int, default=None, help="override cpu_matmul.TILE_ROWS")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import bitsandbytes as bnb
     import torch
-    from qlora import quant
+    from qlora import cpu_matmul, quant
     if args.tile_rows:
-        quant.TILE_ROWS, quant.AMX_TILE_WEIGHTS = args.tile_rows, 0
+        cpu_matmul.TILE_ROWS, cpu_matmul.AMX_TILE_WEIGHTS = args.tile_rows, 0
 
     print("| weight (out x in) | bnb fwd ms | tiled fwd ms | bnb input-grad ms | tiled input-grad ms | fwd bitwise equal | input-grad bitwise equal "
           "| input-grad max error, row tiles / column tiles |")
@@ -58,17 +58,17 @@ def main() -> None:
         grad = torch.randn(args.tokens, out_f, generator=g).bfloat16()
         with torch.no_grad():
             ref = bnb.matmul_4bit(x, w.t(), quant_state=qs)
-            ours = quant._cpu_forward(x, w, None)
+            ours = cpu_matmul._cpu_forward(x, w, None)
             ref_grad = grad @ bnb.functional.dequantize_4bit(w.data, qs).to(grad.dtype)
-            our_grad = quant._cpu_input_grad(grad, w, in_f)
+            our_grad = cpu_matmul._cpu_input_grad(grad, w, in_f)
             # the row tiles' bf16 partial sums (the fallback, and what came before column tiles)
-            row_grad = quant._cpu_input_grad_rows(grad, w, in_f, quant.absmax_f32(qs))
+            row_grad = cpu_matmul._cpu_input_grad_rows(grad, w, in_f, quant.absmax_f32(qs))
             exact = grad.float() @ bnb.functional.dequantize_4bit(w.data, qs).float()
             errors = [(g.float() - exact).abs().max().item() for g in (row_grad, our_grad)]
             row = [best_ms(lambda: bnb.matmul_4bit(x, w.t(), quant_state=qs)),
-                   best_ms(lambda: quant._cpu_forward(x, w, None)),
+                   best_ms(lambda: cpu_matmul._cpu_forward(x, w, None)),
                    best_ms(lambda: grad @ bnb.functional.dequantize_4bit(w.data, qs).to(grad.dtype)),
-                   best_ms(lambda: quant._cpu_input_grad(grad, w, in_f))]
+                   best_ms(lambda: cpu_matmul._cpu_input_grad(grad, w, in_f))]
         print(f"| {out_f} x {in_f} | " + " | ".join(f"{v:.1f}" for v in row)
               + f" | {torch.equal(ref, ours)} | {torch.equal(ref_grad, our_grad)} "
               f"| {errors[0]:.3f} / {errors[1]:.3f} |", flush=True)

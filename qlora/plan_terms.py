@@ -15,7 +15,8 @@ from .loss import CHUNK_TOKENS
 from .model_shapes import LAYER_LINEARS, ModelShape
 from .offload import layer_payload_bytes, resident_within
 from .optim import PAGED_MIN_NUMEL
-from .quant import BLOCKSIZE, _tile_height
+from .cpu_matmul import _tile_height
+from .quant import BLOCKSIZE
 
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -29,7 +30,7 @@ CPU_TRAINING_RUNTIME = 55 * 10**6
 # memory outside torch's allocator; ~0.5 GiB on recent GPUs with lazy module loading. Not
 # measured here (no GPU): an estimate.
 CUDA_CONTEXT = 2**29
-TILE = _tile_height(BLOCKSIZE)  # rows quantized at once while loading on CPU (qlora/quant.py)
+TILE = _tile_height(BLOCKSIZE)  # rows quantized at once while loading on CPU (qlora/cpu_matmul.py)
 BITSANDBYTES_MIN_8BIT = 4096  # bitsandbytes keeps smaller tensors' state in fp32 (min_8bit_size)
 # qlora.offload.LayerStreamer holds two payload buffers on the device once training runs: the
 # layer in use and the next one, being prefetched (on CPU a free list of two, reused).
@@ -277,7 +278,7 @@ def layer_terms(shape: ModelShape, w: Workload, device: str) -> dict[str, int]:
 def matmul_temporaries(shape: ModelShape, w: Workload, device: str) -> int:
     """The largest 4-bit matmul's temporaries in backward (its input gradient).
 
-    CPU (qlora/quant.py): an n-row column tile of the dequantized weight, the tile's codes
+    CPU (qlora/cpu_matmul.py): an n-row column tile of the dequantized weight, the tile's codes
     and scales gathered, the weight's fp32 scales, plus the GEMM's packed copies of the tile
     and of the incoming gradient (oneDNN repacks bf16 operands). CUDA: the whole weight
     dequantized to the compute dtype, and its fp32 scales.

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama import modeling_llama
 
-from qlora import quant
+from qlora import cpu_matmul, quant
 from qlora.checkpointing import enable_gradient_checkpointing
 from qlora.config import LoraConfig
 from qlora.lora import add_lora
@@ -19,7 +19,7 @@ from qlora.model import decoder_layers, load_model
 from conftest import write_tiny_model
 from test_core import randomize_lora
 
-_CPU_FORWARD = quant._cpu_forward  # before any test patches it
+_CPU_FORWARD = cpu_matmul._cpu_forward  # before any test patches it
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -46,7 +46,7 @@ def _step(path, checkpointing: bool, monkeypatch, tokens: int = 24):
         runs[kind[weight.data_ptr()]] += 1
         return _CPU_FORWARD(x2, weight, *args, **kwargs)
 
-    monkeypatch.setattr(quant, "_cpu_forward", counting)
+    monkeypatch.setattr(cpu_matmul, "_cpu_forward", counting)
     model = load_model(path)
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
     randomize_lora(model)
@@ -86,7 +86,7 @@ def test_recompute_skips_only_an_unread_down_proj(stories, monkeypatch, variant)
 def test_unread_skip_at_a_1p3b_layer_shape(tmp_path, monkeypatch):
     """One decoder layer at the 1.3B widths (hidden 2048, FFN 5504: down_proj's 4-bit matmul
     is two 1024-row tiles here) trains to the same gradients with the skip."""
-    monkeypatch.setattr(quant, "AMX_TILE_WEIGHTS", 0)
+    monkeypatch.setattr(cpu_matmul, "AMX_TILE_WEIGHTS", 0)
     path = write_tiny_model(tmp_path / "m", dtype=torch.bfloat16, hidden_size=2048,
                             intermediate_size=5504, num_hidden_layers=1, num_attention_heads=16,
                             num_key_value_heads=16, vocab_size=512)

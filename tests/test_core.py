@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from qlora import quant
+from qlora import cpu_matmul, quant
 from qlora.adapter import load_adapter, save_adapter
 from qlora.errors import QloraError
 from qlora.config import LoraConfig
@@ -122,10 +122,10 @@ def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_q
     to bf16 rounding of the partial sums with the row tiles that widths of partial blocks
     per row take."""
     import bitsandbytes as bnb
-    native = quant._cpu_dequantize_kernel(quant_type, torch.bfloat16, in_features, 64)
+    native = cpu_matmul._cpu_dequantize_kernel(quant_type, torch.bfloat16, in_features, 64)
     assert (native is None) == (in_features % 2 == 1)  # this bitsandbytes build has it
-    monkeypatch.setattr(quant, "TILE_ROWS", tile_rows)  # 64: 5 tiles, the last one partial
-    monkeypatch.setattr(quant, "AMX_TILE_WEIGHTS", 0)
+    monkeypatch.setattr(cpu_matmul, "TILE_ROWS", tile_rows)  # 64: 5 tiles, the last one partial
+    monkeypatch.setattr(cpu_matmul, "AMX_TILE_WEIGHTS", 0)
     g = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(in_features, 300, bias=True, dtype=torch.bfloat16)
     layer = quant.empty_quant_linear(linear, quant_type, double_quant, torch.bfloat16)
@@ -159,13 +159,13 @@ def test_tiled_4bit_matmul_equals_bitsandbytes(monkeypatch, quant_type, double_q
 @pytest.mark.parametrize("amx_tile_weights", [0, 2048 * 2048])
 @pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float32])
 def test_adapter_inside_the_4bit_tiles_at_a_1p3b_mlp_shape(monkeypatch, factor_dtype, amx_tile_weights):
-    """B's GEMM rides in the 4-bit matmul's row tiles (quant._cpu_forward): at a 1.3B
+    """B's GEMM rides in the 4-bit matmul's row tiles (cpu_matmul._cpu_forward): at a 1.3B
     gate_proj shape (5504 x 2048: five 1024-row tiles and a 384-row one, or two 2048-row
     tiles and a 1408-row one, as AMX CPUs run it) the output is the plain
     `x W^T + a B^T` no less accurately than a separate B GEMM and sum (lora.lora_up), and the
     gradients of x, a and B are the plain products."""
     from qlora.lora import lora_up
-    monkeypatch.setattr(quant, "AMX_TILE_WEIGHTS", amx_tile_weights)
+    monkeypatch.setattr(cpu_matmul, "AMX_TILE_WEIGHTS", amx_tile_weights)
     g = torch.Generator().manual_seed(0)
     n, k, r = 5504, 2048, 16
     layer = quant.empty_quant_linear(torch.nn.Linear(k, n, bias=False), "nf4", True, torch.bfloat16)
@@ -282,13 +282,13 @@ def test_selective_checkpointing_keeps_matmuls_and_gives_the_same_gradients(stor
     from qlora.checkpointing import matmul_output_bytes
     from qlora.model import decoder_layers
     calls = {"n": 0}
-    real = quant._weight_rows
+    real = cpu_matmul._weight_rows
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(quant, "_weight_rows", counting)
+    monkeypatch.setattr(cpu_matmul, "_weight_rows", counting)
     results = {}
     for mode in ("none", "recompute", "keep_all", "keep_2"):
         model = load_model(stories)

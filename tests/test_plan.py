@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora import quant
+from qlora import cpu_matmul, quant
 from qlora.cli import main
 from qlora.config import load_recipe, recipe_from_dict
 from qlora.errors import QloraError
@@ -346,9 +346,9 @@ def test_cpu_matmul_temporaries_bound_the_input_gradients_scratch():
     weight = quant.Params4bit(packed, requires_grad=False, quant_state=qs, blocksize=64, quant_type="nf4",
                               bnb_quantized=True)
     grad = torch.randn(tokens, n).to(torch.bfloat16)
-    scratch = _live_peak(lambda: quant._cpu_input_grad(grad, weight, k)) - tokens * k * 2
+    scratch = _live_peak(lambda: cpu_matmul._cpu_input_grad(grad, weight, k)) - tokens * k * 2
     rec = recipe("huggyllama/llama-7b", seq=tokens)
-    t = quant._tile_height(quant.BLOCKSIZE, n)  # columns per tile on this CPU
+    t = cpu_matmul._tile_height(quant.BLOCKSIZE, n)  # columns per tile on this CPU
     ours = n * t * 2 + n * t // 2 + n * t // 64 * 4 + n * k // 64 * 4  # tile, its codes and scales, absmax
     assert ours <= scratch <= matmul_temporaries(read_shape("huggyllama/llama-7b"), Workload.from_recipe(rec), "cpu")
 

@@ -337,11 +337,11 @@ def test_checkpointing_computes_no_input_gradient_for_the_embeddings(stories, mo
     """transformers' checkpointing call hooks the embeddings so their output requires grad;
     with frozen embeddings that only costs layer 0's q/k/v input gradients (a dequantize and
     a GEMM each). Without the hook: 7 per layer minus those 3, and the same LoRA gradients."""
-    from qlora import quant
+    from qlora import cpu_matmul
     from qlora.checkpointing import enable_gradient_checkpointing
     calls = []
-    real = quant._cpu_input_grad
-    monkeypatch.setattr(quant, "_cpu_input_grad", lambda *a: calls.append(1) or real(*a))
+    real = cpu_matmul._cpu_input_grad
+    monkeypatch.setattr(cpu_matmul, "_cpu_input_grad", lambda *a: calls.append(1) or real(*a))
 
     def grads(hook: bool):
         torch.manual_seed(0)
