@@ -11,7 +11,8 @@ import functools
 
 import torch
 
-from . import quant  # absmax_f32; quant imports this module, so names are looked up at call time
+# quant.absmax_f32; quant imports this module too, so its names are looked up at call time
+from . import quant
 
 import bitsandbytes as bnb  # after quant, which quiets its CPU warning
 from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary
@@ -23,6 +24,7 @@ try:  # the native CPU kernels' module; bitsandbytes may move it
 except ImportError:
     _bnb_cpu_ops = None
 _CTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
 
 def _cpu_has_amx() -> bool:
     """Whether this CPU has AMX bf16 tile units (Linux lists them in /proc/cpuinfo's flags)."""

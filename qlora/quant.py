@@ -126,8 +126,9 @@ class QuantLinear(Linear4bit):
     Why a subclass: on CPU, `Linear4bit.forward` in eval mode under no_grad repacks the weight
     in place for an AVX512 kernel that asserts `out_features % 32 == 0` (bitsandbytes 0.50.2),
     so generation with e.g. a 172-wide FFN crashes, and the repacked weight no longer matches
-    the layout that export and state dicts expect. We run the tiled CPU matmul (`qlora.cpu_matmul`) (same
-    numbers), bitsandbytes' kernels on CUDA, and can keep outputs for selective checkpointing.
+    the layout that export and state dicts expect. We run the tiled CPU matmul of
+    `qlora.cpu_matmul` (same numbers), bitsandbytes' kernels on CUDA, and can keep outputs for
+    selective checkpointing.
     """
 
     def __init__(self, *args, **kwargs):
@@ -176,8 +177,9 @@ def quantize_4bit(w: torch.Tensor, quant_type: str, double_quant: bool) -> tuple
 
     The CPU quantizer holds several temporaries of the whole tensor (int64 bucket indices
     among them: ~7x its bf16 size, 0.6 GB for a 7B MLP weight), which set the loading peak.
-    Blocks are independent, so we quantize `cpu_matmul.TILE_ROWS` rows at a time and concatenate; the second
-    level (scales of the scales) is computed once over all blocks, as bitsandbytes does.
+    Blocks are independent, so we quantize `cpu_matmul.TILE_ROWS` rows at a time and
+    concatenate; the second level (scales of the scales) is computed once over all blocks, as
+    bitsandbytes does.
     """
     n, k = w.shape
     parts = [torch.ops.bitsandbytes.quantize_4bit.default(w[a:b], BLOCKSIZE, quant_type, torch.uint8)
