@@ -6,7 +6,8 @@ backward reads. Two things make the recompute cheaper here, both with the same g
 
 - Kept outputs (`train.keep_matmuls_gb`): in the first layers the 4-bit matmuls' outputs
   are kept from the forward pass and handed back, so those layers recompute only the cheap
-  ops (norms, rotary, attention, LoRA) at `matmul_output_bytes` a layer.
+  ops (norms, rotary, LoRA) at `kept_output_bytes` a layer. On CPU they also keep the
+  attention's output (qlora.attention), so the recompute runs no attention forward either.
 - Unread outputs: in a Llama-style layer the last matmul (down_proj) only feeds the residual
   sum that is the layer's output. Backward never reads that value (a sum's gradient does not
   need its inputs, and the recomputed output itself is thrown away), so the recompute runs
@@ -16,6 +17,7 @@ backward reads. Two things make the recompute cheaper here, both with the same g
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 
@@ -25,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from . import quant
+from . import attention, quant
 from .errors import QloraError
 from .model import decoder_layers
 from .offload import recompute_context
@@ -65,7 +67,9 @@ def enable_gradient_checkpointing(model: PreTrainedModel, keep_matmul_layers: in
                                  "(set train.keep_matmuls_gb=0 and model.offload=none)")
             continue  # transformers' own checkpointing, without the recompute's savings
         # transformers' GradientCheckpointingLayer calls this attribute to checkpoint itself
-        contexts = functools.partial(_layer_contexts, linears, i, streamer)
+        kept_attention = collections.deque() if keep else None
+        layer.qlora_kept_attention = kept_attention  # (output, logsumexp) pairs, for a look
+        contexts = functools.partial(_layer_contexts, linears, kept_attention, i, streamer)
         layer._gradient_checkpointing_func = functools.partial(_checkpoint_layer, linears, contexts)
 
 
@@ -78,21 +82,23 @@ def _checkpoint_layer(linears: list[quant.QuantLinear], contexts, forward, *args
     return out
 
 
-def _layer_contexts(linears, i, streamer):
+def _layer_contexts(linears, kept_attention, i, streamer):
     """(context of the original forward, context of the recompute) for torch's checkpoint.
 
     The recompute may not pass through module hooks (transformers 5.23 checkpoints
     `forward`, not `__call__`; see `quant.recomputing`), so this is where a streamed layer
     learns that it is needed again."""
-    return _phase(linears, i, None, "forward"), _phase(linears, i, streamer, "recompute")
+    return (_phase(linears, kept_attention, i, None, "forward"),
+            _phase(linears, kept_attention, i, streamer, "recompute"))
 
 
 @contextlib.contextmanager
-def _phase(linears, i, streamer, phase):
+def _phase(linears, kept_attention, i, streamer, phase):
     with contextlib.ExitStack() as stack:  # entered only when checkpoint enters this phase
         if streamer is not None:
             stack.enter_context(recompute_context(streamer, i))
         stack.enter_context(quant.checkpoint_phase(linears, phase))
+        stack.enter_context(attention.keeping(kept_attention, phase))
         yield
 
 
@@ -134,15 +140,25 @@ def mark_unread_outputs(linears: list[quant.QuantLinear], inputs: tuple, out) ->
             by_node[node].unread_in_recompute = True
 
 
-def matmul_output_bytes(model: nn.Module, tokens: int) -> int:
-    """Bytes that keeping one decoder layer's 4-bit matmul outputs costs for `tokens` tokens."""
+def kept_output_bytes(model: nn.Module, tokens: int) -> int:
+    """Bytes one kept decoder layer costs for `tokens` tokens: its 4-bit matmul outputs, and
+    on CPU, where qlora's attention runs, the attention output (`attention.keeping`)."""
     linears = [m for m in decoder_layers(model)[0].modules() if isinstance(m, quant.Linear4bit)]
-    return sum(tokens * m.out_features * m.compute_dtype.itemsize for m in linears)
+    if not linears:
+        return 0
+    dtype = linears[0].compute_dtype
+    kept = sum(tokens * m.out_features * dtype.itemsize for m in linears)
+    c = model.config
+    if linears[0].weight.device.type == "cpu" and c._attn_implementation == attention.NAME:
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        kept += attention.attention_output_bytes(tokens, heads * head_dim, heads, dtype.itemsize)
+    return kept
 
 
 def matmul_layers_within(model: nn.Module, budget_gb: float, tokens: int) -> int:
-    """How many decoder layers' matmul outputs fit in `budget_gb` (train.keep_matmuls_gb)."""
-    return layers_within_budget(matmul_output_bytes(model, tokens), len(decoder_layers(model)), budget_gb)
+    """How many decoder layers' kept outputs fit in `budget_gb` (train.keep_matmuls_gb)."""
+    return layers_within_budget(kept_output_bytes(model, tokens), len(decoder_layers(model)), budget_gb)
 
 
 def layers_within_budget(per_layer: int, layers: int, budget_gb: float) -> int:

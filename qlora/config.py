@@ -252,8 +252,10 @@ class TrainConfig(_Section):
     """Recompute activations in the backward pass: much less activation memory for extra compute."""
     keep_matmuls_gb: float = 0.0
     """With checkpointing: memory (GB) it may spend keeping the 4-bit base matmuls' outputs of as
-    many decoder layers as fit (batch_size x max_seq_len x their output widths x 2 bytes each),
-    so backward does not recompute them: ~1/3 less matmul work per kept layer. 0 keeps none."""
+    many decoder layers as fit (batch_size x max_seq_len x their output widths x 2 bytes each;
+    on CPU plus the attention output, batch_size x max_seq_len x heads x (head_dim x 2 + 4)),
+    so backward does not recompute them: ~1/3 less matmul work and no attention forward per
+    kept layer. 0 keeps none."""
     logging_steps: int = 10
     """Log loss, learning rate and throughput every this many optimizer steps."""
     nan_policy: NanPolicy = "stop"

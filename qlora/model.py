@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import quant
+from .attention import use_qlora_attention
 from .dtypes import dtype_name, dtype_named
 from .errors import QloraError
 from .hub import local_model_dir, looks_like_hub_id, model_id
@@ -181,6 +182,7 @@ def load_model(name_or_path: str | Path, *, quantization: str = "nf4", double_qu
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False  # the KV cache is useless (and costs memory) in training
+    use_qlora_attention(model)  # transformers' sdpa, faster on CPU (qlora/attention.py)
     model.qlora_source = model_id(name_or_path)  # the base adapters record: hub id or local path
     model.qlora_prequantized = pre is not None and source == path  # no 16-bit original exists
     if streamer is not None:

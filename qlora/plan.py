@@ -14,7 +14,8 @@ max_seq_len tokens, C hidden, F intermediate, V vocabulary, L layers, r LoRA ran
                      CUDA put tensors of >= 1e5 elements in unified memory (optimizer_state_paged)
   optimizer_step     temporaries of the update (CPU: fp32 copies of the largest factor or chunk)
   checkpoint_inputs  each decoder layer's input (M x C), kept by gradient checkpointing
-  kept_matmuls       outputs of the 4-bit matmuls of the layers `train.keep_matmuls_gb` buys
+  kept_matmuls       outputs of the 4-bit matmuls (and on CPU of attention) of the layers
+                     `train.keep_matmuls_gb` buys
   layer_activations  one layer's tensors saved for backward, rebuilt by the recompute (every
                      layer's without checkpointing), and the tensors in flight at its peak
   attention          SDPA's saved q/k/v/output, rotary tables, and masks when batches are padded
@@ -167,7 +168,7 @@ def estimate(shape: ModelShape, w: Workload, device: Device) -> Plan:
     resident = resident_layers(shape, w, dev, device.bytes)
     p = persistent_terms(shape, w, dev, resident)
     s = layer_terms(shape, w, dev)
-    k = kept_layers(shape, w)
+    k = kept_layers(shape, w, dev)
     frozen = {n: p[n] for n in ("runtime", "weights_4bit", "weights_offloaded", "embeddings", "lm_head", "norms",
                                 "lora_factors", "offload_ring")}
     # The optimizer state exists from the first optimizer step on, so every later step's
@@ -274,7 +275,7 @@ TERM_NOTES = {
     "optimizer_state_paged": "Adam moments in paged (unified) memory, which the driver may move to RAM",
     "optimizer_step": "temporaries of the optimizer update",
     "checkpoint_inputs": "layer inputs kept by gradient checkpointing",
-    "kept_matmuls": "4-bit matmul outputs kept by train.keep_matmuls_gb",
+    "kept_matmuls": "4-bit matmul outputs (on CPU also attention outputs) kept by train.keep_matmuls_gb",
     "layer_activations": "one layer's saved activations and the tensors in flight at its peak",
     "attention": "attention's saved q/k/v/output, rotary tables, masks",
     "loss": "final norm, labelled hidden states and their gradient, one chunk of logits (fp32 + compute dtype)",

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from .plan import Plan, estimate
-from .plan_terms import Workload, kept_layers, layer_payload, lora_tensors, matmul_output_bytes
+from .plan_terms import Workload, kept_layers, kept_output_bytes, layer_payload, lora_tensors
 
 
 @dataclass
@@ -57,7 +57,7 @@ def step_flops(plan: Plan, w: Workload) -> float:
     """
     shape, layers = plan.shape, plan.shape.layers
     base = sum(o * i for o, i in shape.linears().values())
-    recomputed = layers - kept_layers(shape, w) if w.checkpointing else 0
+    recomputed = layers - kept_layers(shape, w, plan.device.kind) if w.checkpointing else 0
     lora = sum(lora_tensors(shape, w))
     attention = 2 * w.max_seq_len * shape.heads * shape.head_dim  # QK^T and AV, per layer and pass
     return (2 * base * (2 * layers + recomputed) + 2 * lora * (3 + recomputed / layers)
@@ -139,10 +139,10 @@ def _batch(plan, recipe, settings=None, extreme=False):
 
 def _keep(plan, recipe, settings=None, extreme=False):
     w = Workload.from_recipe(_apply(recipe, settings or {}))
-    kept = kept_layers(plan.shape, w)
+    kept = kept_layers(plan.shape, w, plan.device.kind)
     if kept == 0:
         return None
-    per_layer = matmul_output_bytes(plan.shape, w) / 1e9
+    per_layer = kept_output_bytes(plan.shape, w, plan.device.kind) / 1e9
     # the least budget that still buys k layers, rounded up to 0.01 GB
     cands = [{"train.keep_matmuls_gb": math.ceil(k * per_layer * 100) / 100 if k else 0}
              for k in range(kept - 1, -1, -1)]

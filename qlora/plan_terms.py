@@ -15,6 +15,7 @@ from .loss import CHUNK_TOKENS
 from .model_shapes import LAYER_LINEARS, ModelShape
 from .offload import layer_payload_bytes, resident_within
 from .optim import PAGED_MIN_NUMEL
+from .attention import attention_output_bytes, repeats_kv
 from .cpu_matmul import _tile_height
 from .quant import BLOCKSIZE
 
@@ -161,19 +162,25 @@ def lora_tensors(shape: ModelShape, w: Workload) -> list[int]:
     return per_layer * shape.layers
 
 
-def matmul_output_bytes(shape: ModelShape, w: Workload) -> int:
-    """Bytes that keeping one layer's 4-bit matmul outputs costs (qlora.checkpointing.matmul_output_bytes)."""
+def kept_output_bytes(shape: ModelShape, w: Workload, device: str) -> int:
+    """Bytes one kept layer costs (qlora.checkpointing.kept_output_bytes): its 4-bit matmul
+    outputs, and on CPU its attention output (counted also when a mask sends attention to
+    transformers' sdpa, which keeps nothing: the budget buys the same layers either way)."""
     if w.quantization == "none":
         return 0
-    return w.tokens * sum(o for o, _ in shape.linears().values()) * w.compute_itemsize
+    lin = shape.linears()
+    kept = w.tokens * sum(o for o, _ in lin.values()) * w.compute_itemsize
+    if device == "cpu":
+        kept += attention_output_bytes(w.tokens, lin["q_proj"][0], shape.heads, w.compute_itemsize)
+    return kept
 
 
-def kept_layers(shape: ModelShape, w: Workload) -> int:
+def kept_layers(shape: ModelShape, w: Workload, device: str) -> int:
     """Layers train.keep_matmuls_gb buys, by the trainer's own rule."""
     from .checkpointing import layers_within_budget
     if not w.checkpointing:
         return 0
-    return layers_within_budget(matmul_output_bytes(shape, w), shape.layers, w.keep_matmuls_gb)
+    return layers_within_budget(kept_output_bytes(shape, w, device), shape.layers, w.keep_matmuls_gb)
 
 
 def persistent_terms(shape: ModelShape, w: Workload, device: str, resident: int | None = None) -> dict[str, int]:
@@ -240,8 +247,10 @@ def layer_terms(shape: ModelShape, w: Workload, device: str) -> dict[str, int]:
     saved = norms + sum(adapter_saved.values()) + lora_mid + mlp
 
     # SDPA's saved tensors: q, k, v (k and v repeated to every head when a mask rules out
-    # grouped-query SDPA), output, fp32 logsumexp; with a mask, its per-layer 16-bit copy.
-    kv_saved = q if (w.masked and kv < q) else kv
+    # grouped-query SDPA, or on CPU where qlora.attention repeats them), output, fp32
+    # logsumexp; with a mask, its per-layer 16-bit copy.
+    repeated = w.masked or (device == "cpu" and repeats_kv(w.batch_size, shape.heads, shape.kv_heads))
+    kv_saved = q if (repeated and kv < q) else kv
     attention_layer = m * (2 * q + 2 * kv_saved) * a + w.batch_size * shape.heads * w.max_seq_len * 4
     if w.masked:
         attention_layer += w.batch_size * w.max_seq_len ** 2 * a
@@ -268,7 +277,7 @@ def layer_terms(shape: ModelShape, w: Workload, device: str) -> dict[str, int]:
         "attention_layer": attention_layer,
         "attention_step": attention_step,
         "checkpoint_input": m * c * a,
-        "kept_matmuls_layer": matmul_output_bytes(shape, w),
+        "kept_matmuls_layer": kept_output_bytes(shape, w, device),
         "lora_grads_layer": sum(lora_tensors(shape, w)) // shape.layers * la,
         "matmul_temporaries": matmul_temporaries(shape, w, device),
         "loss": loss_bytes(shape, w),

@@ -97,6 +97,11 @@ def _attach_if_streamed(weight: Params4bit, step: int) -> None:
 _PHASE: list[str | None] = [None]
 
 
+def phase() -> str | None:
+    """Which pass of a checkpointed decoder layer is running: None, "forward" or "recompute"."""
+    return _PHASE[0]
+
+
 def recomputing() -> bool:
     """True inside a checkpointed layer's recompute in backward. Module hooks check it: with
     transformers 5.17 a layer's hooks ran again in the recompute (seen on the GPU machine's

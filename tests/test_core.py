@@ -279,7 +279,7 @@ def test_checkpointing_replays_the_dropout_masks(stories):
 def test_selective_checkpointing_keeps_matmuls_and_gives_the_same_gradients(stories, monkeypatch):
     """Keeping the 4-bit matmul outputs must skip their recompute (fewer dequantizations)
     and change nothing else: gradients bitwise equal to full recomputation."""
-    from qlora.checkpointing import matmul_output_bytes
+    from qlora.checkpointing import kept_output_bytes
     from qlora.model import decoder_layers
     calls = {"n": 0}
     real = cpu_matmul._weight_rows
@@ -314,8 +314,10 @@ def test_selective_checkpointing_keeps_matmuls_and_gives_the_same_gradients(stor
     for mode in ("recompute", "keep_all", "keep_2"):
         for n, g in results["none"][1].items():
             assert torch.equal(g, results[mode][1][n]), (mode, n)
-    # 7 linears of stories260K: q 64, k 32, v 32, o 64, gate 172, up 172, down 64 wide, bf16
-    assert matmul_output_bytes(model, tokens=10) == 10 * (64 + 32 + 32 + 64 + 172 + 172 + 64) * 2
+    # 7 linears of stories260K: q 64, k 32, v 32, o 64, gate 172, up 172, down 64 wide, bf16,
+    # and attention's output (8 heads x 8 wide, bf16) with a fp32 log-sum-exp per head
+    assert kept_output_bytes(model, tokens=10) == 10 * ((64 + 32 + 32 + 64 + 172 + 172 + 64) * 2
+                                                        + 64 * 2 + 8 * 4)
 
 
 def test_lora_init_and_trainable_count(stories):

@@ -266,7 +266,7 @@ def test_checkpoint_inputs_and_kept_matmul_outputs(gqa_model):
     model = load_model(gqa_model)
     add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05))
     kept = matmul_layers_within(model, budget, tokens)
-    assert kept == kept_layers(shape, w) == 2
+    assert kept == kept_layers(shape, w, "cpu") == 2
     enable_gradient_checkpointing(model, keep_matmul_layers=kept)
     model.train()
     inputs = []
@@ -276,6 +276,8 @@ def test_checkpoint_inputs_and_kept_matmul_outputs(gqa_model):
     lm_loss_sum(model, {"input_ids": x, "labels": x})
     assert inputs == [s["checkpoint_input"]] * shape.layers
     held = [t for m in model.modules() if isinstance(m, quant.QuantLinear) for t in m.kept]
+    held += [t for layer in decoder_layers(model) for pair in layer.qlora_kept_attention or ()
+             for t in pair]  # attention's output and log-sum-exp (qlora.attention)
     assert storages_bytes(held) == kept * s["kept_matmuls_layer"]
 
 
