@@ -72,11 +72,12 @@ class _CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, kept):
-        if kept and quant.recomputing():
+        phase = quant.phase()
+        if kept and phase == "recompute":
             out, lse = kept.popleft()
         else:
             out, lse = _flash_forward(q, k, v, scale)
-            if kept is not None and quant.phase() == "forward":
+            if kept is not None and phase == "forward":
                 kept.append((out, lse))
         ctx.scale = scale
         ctx.save_for_backward(q, k, v, out, lse)
@@ -113,10 +114,8 @@ AttentionInterface.register(NAME, qlora_sdpa_forward)
 ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # its masks are sdpa's
 
 
-def use_qlora_attention(model: PreTrainedModel) -> bool:
-    """Switch a model that runs transformers' "sdpa" to `qlora_sdpa_forward`; True if it did.
-    Other implementations (eager, flash-attention kernels) are left as they are."""
-    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", NAME):
-        return False
-    model.set_attn_implementation(NAME)
-    return model.config._attn_implementation == NAME
+def use_qlora_attention(model: PreTrainedModel) -> None:
+    """Switch a model that runs transformers' "sdpa" to `qlora_sdpa_forward`. Other
+    implementations (eager, flash-attention kernels) are left as they are."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(NAME)
